@@ -1,0 +1,95 @@
+//! Daemon configuration and every default, as named constants in one place.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+/// Default TCP port of `bucketlyd`.
+pub const DEFAULT_PORT: u16 = 8484;
+/// Default listen address: loopback only, so a first start exposes nothing.
+pub const DEFAULT_HOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+/// Default database file, relative to the working directory.
+pub const DEFAULT_DATABASE: &str = "bucketly.redb";
+/// Default directory searched for extra handler files.
+pub const DEFAULT_HANDLERS_DIR: &str = "handlers";
+/// Largest frame body accepted (4 MiB). A larger length prefix is answered with
+/// `FRAME_TOO_LARGE` and the connection is closed before any body byte is buffered.
+pub const DEFAULT_MAX_FRAME: u32 = 4 * 1024 * 1024;
+/// Smallest `--max-frame` accepted: must hold a handshake and small requests.
+pub const MIN_MAX_FRAME: u32 = 1024;
+/// Largest `--max-frame` accepted (64 MiB).
+pub const MAX_MAX_FRAME: u32 = 64 * 1024 * 1024;
+/// Connections served at once; one more gets `TOO_MANY_CONNECTIONS` and is closed.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Requests a connection may have in flight (read but not yet answered). At the limit
+/// the server stops reading from that socket until a reply is written (back-pressure).
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 4096;
+/// Request bytes a connection may have in flight; same overflow behaviour as above.
+pub const DEFAULT_MAX_IN_FLIGHT_BYTES: usize = 32 * 1024 * 1024;
+/// Messages a bucket's mailbox holds; a full mailbox makes its senders wait.
+pub const DEFAULT_MAILBOX: usize = 256;
+/// Buckets that may exist at once; CREATE beyond it gets `LIMIT_EXCEEDED`.
+pub const DEFAULT_MAX_BUCKETS: usize = 10_000;
+/// Memory limit of one bucket's Lua state.
+pub const DEFAULT_LUA_MEMORY: usize = 64 * 1024 * 1024;
+/// Time a new connection has to complete the handshake.
+pub const HANDSHAKE_TIMEOUT_SECS: u64 = 10;
+/// Time graceful shutdown waits for connections to drain before closing them.
+pub const SHUTDOWN_GRACE_SECS: u64 = 10;
+
+/// Everything `bucketlyd` needs to run. Build one with [`Config::default`] and adjust.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Path of the redb database file.
+    pub database: PathBuf,
+    /// Directory with extra handler files (`NAME.lua`).
+    pub handlers_dir: PathBuf,
+    /// Whether a missing `handlers_dir` is an error (it was named explicitly).
+    pub handlers_dir_required: bool,
+    /// Address to listen on; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// See [`DEFAULT_MAX_FRAME`].
+    pub max_frame: u32,
+    /// See [`DEFAULT_MAX_CONNECTIONS`].
+    pub max_connections: usize,
+    /// See [`DEFAULT_MAX_IN_FLIGHT`].
+    pub max_in_flight: usize,
+    /// See [`DEFAULT_MAX_IN_FLIGHT_BYTES`].
+    pub max_in_flight_bytes: usize,
+    /// See [`DEFAULT_MAILBOX`].
+    pub mailbox: usize,
+    /// See [`DEFAULT_MAX_BUCKETS`].
+    pub max_buckets: usize,
+    /// See [`DEFAULT_LUA_MEMORY`].
+    pub lua_memory: usize,
+    /// Handler threads; 0 means one per available core.
+    pub workers: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            database: PathBuf::from(DEFAULT_DATABASE),
+            handlers_dir: PathBuf::from(DEFAULT_HANDLERS_DIR),
+            handlers_dir_required: false,
+            listen: SocketAddr::new(DEFAULT_HOST, DEFAULT_PORT),
+            max_frame: DEFAULT_MAX_FRAME,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            max_in_flight_bytes: DEFAULT_MAX_IN_FLIGHT_BYTES,
+            mailbox: DEFAULT_MAILBOX,
+            max_buckets: DEFAULT_MAX_BUCKETS,
+            lua_memory: DEFAULT_LUA_MEMORY,
+            workers: 0,
+        }
+    }
+}
+
+impl Config {
+    /// The number of handler threads to start.
+    pub fn worker_threads(&self) -> usize {
+        if self.workers > 0 {
+            return self.workers;
+        }
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+}

@@ -1,0 +1,55 @@
+//! The umbrella error of the engine: every failure a request can meet, each mapped to a
+//! wire code in exactly one place ([`Error::code`]).
+
+use crate::protocol::ErrorCode;
+
+/// A request-level failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No bucket of that name.
+    #[error("no bucket named {0:?}")]
+    NoSuchBucket(String),
+    /// The bucket exists.
+    #[error("bucket {0:?} exists already")]
+    BucketExists(String),
+    /// No handler of that name.
+    #[error("no handler named {0:?}")]
+    NoSuchHandler(String),
+    /// A well-formed request with a bad value.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The handler's Lua code failed.
+    #[error("handler error: {0}")]
+    Handler(String),
+    /// A server limit.
+    #[error("{0}")]
+    LimitExceeded(String),
+    /// The database file failed.
+    #[error("storage error: {0}")]
+    Storage(String),
+    /// The server is stopping.
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    /// A bug or an unexpected condition.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// The wire code for this error; the only place that mapping lives.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Error::NoSuchBucket(_) => ErrorCode::NoSuchBucket,
+            Error::BucketExists(_) => ErrorCode::BucketExists,
+            Error::NoSuchHandler(_) => ErrorCode::NoSuchHandler,
+            Error::InvalidArgument(_) => ErrorCode::InvalidArgument,
+            Error::Handler(_) => ErrorCode::HandlerError,
+            Error::LimitExceeded(_) => ErrorCode::LimitExceeded,
+            Error::Storage(_) => ErrorCode::StorageError,
+            // Request-level: the connection may stay; the listener sends the FATAL one.
+            Error::ShuttingDown => ErrorCode::Internal,
+            Error::Internal(_) => ErrorCode::Internal,
+        }
+    }
+}

@@ -1,0 +1,386 @@
+//! Requests: `opcode:u8 request_id:u32be payload`, one layout per command.
+//!
+//! | op   | command | payload                                                  |
+//! |------|---------|----------------------------------------------------------|
+//! | 0x01 | PING    | any bytes, echoed back                                   |
+//! | 0x02 | CREATE  | bucket:str16 handler:str16 config:blob32 options:blob32  |
+//! | 0x03 | DROP    | bucket:str16                                             |
+//! | 0x04 | LIST    | (empty)                                                  |
+//! | 0x05 | SEND    | bucket:str16 count:u32be count × event:blob32            |
+//! | 0x06 | VIEW    | bucket:str16 arg:opt(blob32)                             |
+//! | 0x07 | DUMP    | bucket:str16                                             |
+//! | 0x08 | INFO    | bucket:opt(str16)                                        |
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::codes::ErrorCode;
+use super::frame::write_frame;
+use super::wire::{put_blob32, put_str16, Reader, WireError};
+
+/// Opcode of PING.
+pub const OP_PING: u8 = 0x01;
+/// Opcode of CREATE.
+pub const OP_CREATE: u8 = 0x02;
+/// Opcode of DROP.
+pub const OP_DROP: u8 = 0x03;
+/// Opcode of LIST.
+pub const OP_LIST: u8 = 0x04;
+/// Opcode of SEND.
+pub const OP_SEND: u8 = 0x05;
+/// Opcode of VIEW.
+pub const OP_VIEW: u8 = 0x06;
+/// Opcode of DUMP.
+pub const OP_DUMP: u8 = 0x07;
+/// Opcode of INFO.
+pub const OP_INFO: u8 = 0x08;
+
+/// Bytes before the payload: opcode and request id.
+pub const REQUEST_HEADER_LEN: usize = 5;
+
+/// One request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// Chosen by the client, echoed in the response.
+    pub id: u32,
+    /// What to do.
+    pub command: Command,
+}
+
+/// The commands of bucketly v1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Liveness check; the payload is echoed.
+    Ping(Bytes),
+    /// Create a bucket running `handler`.
+    Create {
+        /// Bucket name.
+        bucket: String,
+        /// Handler name.
+        handler: String,
+        /// Handler config, JSON text; empty means none (`nil` in Lua).
+        config: Bytes,
+        /// Bucket options, a JSON object; empty means `{}`.
+        options: Bytes,
+    },
+    /// Drop a bucket and its state.
+    Drop {
+        /// Bucket name.
+        bucket: String,
+    },
+    /// List buckets.
+    List,
+    /// Send a batch of events to one bucket.
+    Send {
+        /// Bucket name.
+        bucket: String,
+        /// The events.
+        batch: SendBatch,
+    },
+    /// Read the aggregate.
+    View {
+        /// Bucket name.
+        bucket: String,
+        /// Optional argument passed to the handler's `view`.
+        arg: Option<Bytes>,
+    },
+    /// Read the aggregate, then reset it.
+    Dump {
+        /// Bucket name.
+        bucket: String,
+    },
+    /// Server counters, or one bucket's.
+    Info {
+        /// Bucket name, or none for the server.
+        bucket: Option<String>,
+    },
+}
+
+impl Command {
+    /// The opcode on the wire.
+    pub fn opcode(&self) -> u8 {
+        match self {
+            Command::Ping(_) => OP_PING,
+            Command::Create { .. } => OP_CREATE,
+            Command::Drop { .. } => OP_DROP,
+            Command::List => OP_LIST,
+            Command::Send { .. } => OP_SEND,
+            Command::View { .. } => OP_VIEW,
+            Command::Dump { .. } => OP_DUMP,
+            Command::Info { .. } => OP_INFO,
+        }
+    }
+
+    /// The command's name, for logs and messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Ping(_) => "PING",
+            Command::Create { .. } => "CREATE",
+            Command::Drop { .. } => "DROP",
+            Command::List => "LIST",
+            Command::Send { .. } => "SEND",
+            Command::View { .. } => "VIEW",
+            Command::Dump { .. } => "DUMP",
+            Command::Info { .. } => "INFO",
+        }
+    }
+}
+
+/// The events of one SEND frame: `count` then `count` blob32s, validated once at decode
+/// time and then iterated without copying.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendBatch {
+    count: u32,
+    /// Exactly `count` blob32 fields, nothing more.
+    data: Bytes,
+}
+
+impl SendBatch {
+    /// Builds a batch from events (copies them once).
+    pub fn from_events<E: AsRef<[u8]>>(events: &[E]) -> SendBatch {
+        let len: usize = events.iter().map(|e| 4 + e.as_ref().len()).sum();
+        let mut data = BytesMut::with_capacity(len);
+        for e in events {
+            put_blob32(&mut data, e.as_ref());
+        }
+        SendBatch {
+            count: events.len() as u32,
+            data: data.freeze(),
+        }
+    }
+
+    /// Number of events.
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    /// Whether the batch has no events.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Bytes the batch occupies on the wire (without bucket and count).
+    pub fn wire_len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// The events in order.
+    pub fn iter(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        let mut rest: &[u8] = &self.data;
+        std::iter::from_fn(move || {
+            let (len, tail) = rest.split_first_chunk::<4>()?;
+            let len = u32::from_be_bytes(*len) as usize;
+            // Invariant from `decode`/`from_events`: every length fits.
+            let (event, tail) = tail.split_at(len.min(tail.len()));
+            rest = tail;
+            Some(event)
+        })
+    }
+
+    fn decode(r: &mut Reader) -> Result<SendBatch, WireError> {
+        let count = r.u32("event count")?;
+        let data = r.rest();
+        let mut pos = 0usize;
+        for _ in 0..count {
+            let header = data
+                .get(pos..pos + 4)
+                .ok_or(WireError::Truncated("event"))?;
+            let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
+            pos = pos
+                .checked_add(4 + len)
+                .filter(|&p| p <= data.len())
+                .ok_or(WireError::Truncated("event"))?;
+        }
+        if pos != data.len() {
+            return Err(WireError::Trailing(data.len() - pos));
+        }
+        Ok(SendBatch { count, data })
+    }
+}
+
+/// A request that could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestError {
+    /// The request id, when the body was long enough to carry one. Without it the
+    /// framing is unusable and the error is FATAL.
+    pub id: Option<u32>,
+    /// `UNKNOWN_COMMAND`, `MALFORMED_REQUEST` or `PROTOCOL_ERROR`.
+    pub code: ErrorCode,
+    /// What is wrong, for the peer.
+    pub message: String,
+}
+
+impl Request {
+    /// Reads a request body (the frame without its length prefix).
+    ///
+    /// # Errors
+    /// [`RequestError`]: unknown opcode, or a payload that does not match its layout.
+    pub fn decode(body: Bytes) -> Result<Request, RequestError> {
+        if body.len() < REQUEST_HEADER_LEN {
+            return Err(RequestError {
+                id: None,
+                code: ErrorCode::ProtocolError,
+                message: format!(
+                    "request body of {} bytes is shorter than its {REQUEST_HEADER_LEN}-byte header",
+                    body.len()
+                ),
+            });
+        }
+        let opcode = body[0];
+        let id = u32::from_be_bytes([body[1], body[2], body[3], body[4]]);
+        let mut r = Reader::new(body.slice(REQUEST_HEADER_LEN..));
+        let malformed = |e: WireError| RequestError {
+            id: Some(id),
+            code: ErrorCode::MalformedRequest,
+            message: format!("malformed request (opcode 0x{opcode:02x}): {e}"),
+        };
+        let command = match opcode {
+            OP_PING => Command::Ping(r.rest()),
+            OP_CREATE => Command::Create {
+                bucket: r.str16("bucket").map_err(malformed)?,
+                handler: r.str16("handler").map_err(malformed)?,
+                config: r.blob32("config").map_err(malformed)?,
+                options: r.blob32("options").map_err(malformed)?,
+            },
+            OP_DROP => Command::Drop {
+                bucket: r.str16("bucket").map_err(malformed)?,
+            },
+            OP_LIST => Command::List,
+            OP_SEND => Command::Send {
+                bucket: r.str16("bucket").map_err(malformed)?,
+                batch: SendBatch::decode(&mut r).map_err(malformed)?,
+            },
+            OP_VIEW => {
+                let bucket = r.str16("bucket").map_err(malformed)?;
+                let arg = match r.present("arg").map_err(malformed)? {
+                    true => Some(r.blob32("arg").map_err(malformed)?),
+                    false => None,
+                };
+                Command::View { bucket, arg }
+            }
+            OP_DUMP => Command::Dump {
+                bucket: r.str16("bucket").map_err(malformed)?,
+            },
+            OP_INFO => {
+                let bucket = match r.present("bucket").map_err(malformed)? {
+                    true => Some(r.str16("bucket").map_err(malformed)?),
+                    false => None,
+                };
+                Command::Info { bucket }
+            }
+            _ => {
+                return Err(RequestError {
+                    id: Some(id),
+                    code: ErrorCode::UnknownCommand,
+                    message: format!("unknown command opcode 0x{opcode:02x}"),
+                })
+            }
+        };
+        r.finish().map_err(malformed)?;
+        Ok(Request { id, command })
+    }
+
+    /// Appends this request as a frame to `out`.
+    pub fn encode(&self, out: &mut BytesMut) {
+        write_frame(out, |b| {
+            b.put_u8(self.command.opcode());
+            b.put_u32(self.id);
+            match &self.command {
+                Command::Ping(payload) => b.extend_from_slice(payload),
+                Command::Create {
+                    bucket,
+                    handler,
+                    config,
+                    options,
+                } => {
+                    put_str16(b, bucket);
+                    put_str16(b, handler);
+                    put_blob32(b, config);
+                    put_blob32(b, options);
+                }
+                Command::Drop { bucket } | Command::Dump { bucket } => put_str16(b, bucket),
+                Command::List => {}
+                Command::Send { bucket, batch } => {
+                    put_str16(b, bucket);
+                    b.put_u32(batch.count);
+                    b.extend_from_slice(&batch.data);
+                }
+                Command::View { bucket, arg } => {
+                    put_str16(b, bucket);
+                    match arg {
+                        Some(arg) => {
+                            b.put_u8(1);
+                            put_blob32(b, arg);
+                        }
+                        None => b.put_u8(0),
+                    }
+                }
+                Command::Info { bucket } => match bucket {
+                    Some(bucket) => {
+                        b.put_u8(1);
+                        put_str16(b, bucket);
+                    }
+                    None => b.put_u8(0),
+                },
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(command: Command) {
+        let req = Request { id: 42, command };
+        let mut out = BytesMut::new();
+        req.encode(&mut out);
+        let body = out.freeze().slice(4..);
+        assert_eq!(Request::decode(body), Ok(req));
+    }
+
+    #[test]
+    fn every_command_round_trips() {
+        round_trip(Command::Ping(Bytes::from_static(b"hi")));
+        round_trip(Command::Create {
+            bucket: "b".into(),
+            handler: "counter".into(),
+            config: Bytes::from_static(b"{}"),
+            options: Bytes::new(),
+        });
+        round_trip(Command::Drop { bucket: "b".into() });
+        round_trip(Command::List);
+        round_trip(Command::Send {
+            bucket: "b".into(),
+            batch: SendBatch::from_events(&["a", "", "ccc"]),
+        });
+        round_trip(Command::View {
+            bucket: "b".into(),
+            arg: Some(Bytes::from_static(b"k")),
+        });
+        round_trip(Command::View {
+            bucket: "b".into(),
+            arg: None,
+        });
+        round_trip(Command::Dump { bucket: "b".into() });
+        round_trip(Command::Info { bucket: None });
+        round_trip(Command::Info {
+            bucket: Some("b".into()),
+        });
+    }
+
+    #[test]
+    fn send_batch_with_a_lying_count_is_malformed() {
+        // count says 2, one event present
+        let body =
+            Bytes::from_static(b"\x05\x00\x00\x00\x01\x00\x01b\x00\x00\x00\x02\x00\x00\x00\x01a");
+        let err = Request::decode(body).expect_err("truncated");
+        assert_eq!((err.id, err.code), (Some(1), ErrorCode::MalformedRequest));
+    }
+
+    #[test]
+    fn unknown_opcode_keeps_the_request_id() {
+        let err =
+            Request::decode(Bytes::from_static(b"\x7f\x00\x00\x00\x09")).expect_err("unknown");
+        assert_eq!((err.id, err.code), (Some(9), ErrorCode::UnknownCommand));
+    }
+}

@@ -1,0 +1,247 @@
+//! One handler running for one bucket, in its own sandboxed Lua state.
+
+use mlua::{Function, Lua, MultiValue, Table, Value};
+
+use super::json::{to_lua, write_json};
+use super::sandbox::new_state;
+use super::{lua_error_message, HandlerSource, ScriptError, ScriptLimits};
+
+/// A handler module loaded into a fresh state: its functions and its state table.
+pub struct HandlerInstance {
+    lua: Lua,
+    state: Value,
+    send: Function,
+    view: Function,
+    dump: Function,
+    flush: Option<Function>,
+}
+
+struct Module {
+    lua: Lua,
+    table: Table,
+}
+
+/// Loads `handler` into a fresh sandbox and checks that it returns a table with `send`,
+/// `view` and `dump` functions.
+pub(crate) fn compile(handler: &HandlerSource) -> Result<(), ScriptError> {
+    load_module(handler, &ScriptLimits::default()).map(|_| ())
+}
+
+fn load_module(handler: &HandlerSource, limits: &ScriptLimits) -> Result<Module, ScriptError> {
+    let load_err = |message: String| ScriptError::Load {
+        name: handler.name.clone(),
+        message,
+    };
+    let lua = new_state(limits).map_err(|e| load_err(lua_error_message(&e)))?;
+    let value: Value = lua
+        .load(handler.source.as_str())
+        .set_name(format!("={}.lua", handler.name))
+        .set_mode(mlua::chunk::ChunkMode::Text)
+        .eval()
+        .map_err(|e| load_err(lua_error_message(&e)))?;
+    let Value::Table(table) = value else {
+        return Err(load_err(format!(
+            "the file must return a table of functions, not a {}",
+            value.type_name()
+        )));
+    };
+    for required in ["send", "view", "dump"] {
+        if !matches!(table.raw_get::<Value>(required), Ok(Value::Function(_))) {
+            return Err(load_err(format!("missing function {required}(state, ...)")));
+        }
+    }
+    for optional in ["init", "flush"] {
+        match table.raw_get::<Value>(optional) {
+            Ok(Value::Nil) | Ok(Value::Function(_)) => {}
+            _ => return Err(load_err(format!("{optional} must be a function"))),
+        }
+    }
+    Ok(Module { lua, table })
+}
+
+fn runtime(what: &str, e: &mlua::Error) -> ScriptError {
+    ScriptError::Runtime(format!("{what}: {}", lua_error_message(e)))
+}
+
+impl HandlerInstance {
+    /// Loads `handler` and calls its `init(config)`; the state is what `init` returns,
+    /// or an empty table when there is no `init` or it returns nil.
+    ///
+    /// # Errors
+    /// [`ScriptError::Load`] if the module does not load or has the wrong shape,
+    /// [`ScriptError::Runtime`] if `init` fails (for example on a bad config).
+    pub fn new(
+        handler: &HandlerSource,
+        config: &serde_json::Value,
+        limits: &ScriptLimits,
+    ) -> Result<Self, ScriptError> {
+        let Module { lua, table } = load_module(handler, limits)?;
+        let get = |name: &str| {
+            table
+                .raw_get::<Function>(name)
+                .map_err(|e| runtime(name, &e))
+        };
+        let (send, view, dump) = (get("send")?, get("view")?, get("dump")?);
+        let flush = table.raw_get::<Option<Function>>("flush").ok().flatten();
+        let config = to_lua(&lua, config).map_err(|e| runtime("config", &e))?;
+        let state = match table.raw_get::<Option<Function>>("init").ok().flatten() {
+            Some(init) => init
+                .call::<Value>(config)
+                .map_err(|e| runtime("init", &e))?,
+            None => Value::Nil,
+        };
+        let state = match state {
+            Value::Nil => Value::Table(lua.create_table().map_err(|e| runtime("init", &e))?),
+            other => other,
+        };
+        Ok(HandlerInstance {
+            lua,
+            state,
+            send,
+            view,
+            dump,
+            flush,
+        })
+    }
+
+    /// Applies one event.
+    ///
+    /// # Errors
+    /// The rejection reason, when `send` returned `false[, reason]` or `nil, reason`, or
+    /// raised an error (the reason is then the error text).
+    pub fn send(&mut self, event: &[u8]) -> Result<(), String> {
+        let event = self
+            .lua
+            .create_string(event)
+            .map_err(|e| lua_error_message(&e))?;
+        let ret = self
+            .send
+            .call::<MultiValue>((&self.state, event))
+            .map_err(|e| format!("handler error: {}", lua_error_message(&e)))?;
+        let mut ret = ret.into_iter();
+        let (first, second) = (ret.next(), ret.next());
+        let reason = match (first, second) {
+            (Some(Value::Boolean(false)), reason) => reason,
+            (Some(Value::Nil), Some(reason @ Value::String(_))) => Some(reason),
+            _ => return Ok(()),
+        };
+        Err(match reason {
+            Some(Value::String(s)) => s.to_string_lossy(),
+            _ => "rejected by handler".to_owned(),
+        })
+    }
+
+    /// Calls `view(state, arg)` and returns the result as JSON.
+    ///
+    /// # Errors
+    /// [`ScriptError::Runtime`] if `view` raises an error or returns a value with no
+    /// JSON form.
+    pub fn view(&mut self, arg: Option<&[u8]>) -> Result<Vec<u8>, ScriptError> {
+        let arg = match arg {
+            Some(a) => Value::String(self.lua.create_string(a).map_err(|e| runtime("view", &e))?),
+            None => Value::Nil,
+        };
+        let v = self
+            .view
+            .call::<Value>((&self.state, arg))
+            .map_err(|e| runtime("view", &e))?;
+        to_json("view", &v)
+    }
+
+    /// Calls `dump(state)`: the aggregate as JSON, after which the handler has reset it.
+    ///
+    /// # Errors
+    /// [`ScriptError::Runtime`] as for [`view`](Self::view).
+    pub fn dump(&mut self) -> Result<Vec<u8>, ScriptError> {
+        let v = self
+            .dump
+            .call::<Value>(&self.state)
+            .map_err(|e| runtime("dump", &e))?;
+        to_json("dump", &v)
+    }
+
+    /// Whether the handler defines `flush(state, ctx)` (called by scheduled processing).
+    pub fn has_flush(&self) -> bool {
+        self.flush.is_some()
+    }
+
+    /// Bytes used by this instance's Lua state.
+    pub fn memory_used(&self) -> usize {
+        self.lua.used_memory()
+    }
+}
+
+fn to_json(what: &str, v: &Value) -> Result<Vec<u8>, ScriptError> {
+    let mut out = Vec::with_capacity(64);
+    write_json(v, &mut out).map_err(|e| ScriptError::Runtime(format!("{what} returned {e}")))?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::script::Origin;
+
+    fn handler(source: &str) -> HandlerSource {
+        HandlerSource {
+            name: "t".into(),
+            source: source.into(),
+            origin: Origin::Stock,
+        }
+    }
+
+    const ECHO: &str = r#"
+        local H = {}
+        function H.init(c) return {n = 0, c = c} end
+        function H.send(s, e)
+            if e == "bad" then return false, "bad event" end
+            if e == "boom" then error("kaboom") end
+            s.n = s.n + 1
+        end
+        function H.view(s, arg) if arg == "err" then error("view failed") end return s.n end
+        function H.dump(s) local n = s.n s.n = 0 return n end
+        return H"#;
+
+    #[test]
+    fn rejections_and_errors_leave_the_state_intact() {
+        let mut h = HandlerInstance::new(
+            &handler(ECHO),
+            &serde_json::Value::Null,
+            &ScriptLimits::default(),
+        )
+        .expect("loads");
+        assert_eq!(h.send(b"a"), Ok(()));
+        assert_eq!(h.send(b"bad"), Err("bad event".into()));
+        let boom = h.send(b"boom").expect_err("raises");
+        assert!(boom.contains("kaboom"), "{boom}");
+        assert!(h.view(Some(b"err")).is_err());
+        assert_eq!(h.view(None), Ok(b"1".to_vec()));
+        assert_eq!(h.dump(), Ok(b"1".to_vec()));
+        assert_eq!(h.view(None), Ok(b"0".to_vec()));
+    }
+
+    #[test]
+    fn bytecode_is_refused() {
+        let err = HandlerInstance::new(
+            &handler("\x1bLua"),
+            &serde_json::Value::Null,
+            &ScriptLimits::default(),
+        )
+        .err()
+        .expect("binary chunk");
+        assert!(matches!(err, ScriptError::Load { .. }), "{err}");
+    }
+
+    #[test]
+    fn init_failure_is_reported() {
+        let src = "local f = function() end return {init = function() error('bad config') end, send = f, view = f, dump = f}";
+        let err = HandlerInstance::new(
+            &handler(src),
+            &serde_json::Value::Null,
+            &ScriptLimits::default(),
+        )
+        .err()
+        .expect("init fails");
+        assert!(err.to_string().contains("bad config"), "{err}");
+    }
+}

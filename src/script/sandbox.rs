@@ -1,0 +1,91 @@
+//! The sandboxed Lua state: only pure libraries, no way to reach files, processes,
+//! other states or bytecode.
+
+use mlua::{Lua, LuaOptions, StdLib, Table, Value};
+
+use super::ScriptLimits;
+
+/// Metatable field that tells the JSON mapping how to encode a table.
+pub(crate) const JSON_KIND_FIELD: &str = "__bucketly_json";
+
+/// Globals removed from the base library: code loading, file access, GC control and
+/// stdout. `string.dump` is removed too, so no bytecode can be produced or loaded.
+const REMOVED_GLOBALS: [&str; 6] = [
+    "load",
+    "loadfile",
+    "dofile",
+    "require",
+    "collectgarbage",
+    "print",
+];
+
+/// A new state with `table`, `string`, `math` and `utf8`, the pure parts of the base
+/// library, the `bucketly` helper table, and the memory limit.
+///
+/// # Errors
+/// Only if Lua cannot allocate the state.
+pub(crate) fn new_state(limits: &ScriptLimits) -> mlua::Result<Lua> {
+    let libs = StdLib::TABLE | StdLib::STRING | StdLib::MATH | StdLib::UTF8;
+    let lua = Lua::new_with(libs, LuaOptions::new())?;
+    let globals = lua.globals();
+    for name in REMOVED_GLOBALS {
+        globals.raw_set(name, Value::Nil)?;
+    }
+    let string: Table = globals.raw_get("string")?;
+    string.raw_set("dump", Value::Nil)?;
+    globals.raw_set("bucketly", helpers(&lua)?)?;
+    lua.set_memory_limit(limits.memory)?;
+    Ok(lua)
+}
+
+/// `bucketly.array(t)` and `bucketly.object(t)`: mark a table's JSON shape (so an empty
+/// list can still be `[]`). They set a metatable and return the table.
+fn helpers(lua: &Lua) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    for kind in ["array", "object"] {
+        let mt = lua.create_table()?;
+        mt.raw_set(JSON_KIND_FIELD, kind)?;
+        let f = lua.create_function(move |_, table: Table| {
+            table.set_metatable(Some(mt.clone()))?;
+            Ok(table)
+        })?;
+        t.raw_set(kind, f)?;
+    }
+    Ok(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dangerous_globals_are_absent() {
+        let lua = new_state(&ScriptLimits::default()).expect("state");
+        for expr in [
+            "io",
+            "os",
+            "package",
+            "require",
+            "load",
+            "loadfile",
+            "dofile",
+            "debug",
+            "string.dump",
+            "collectgarbage",
+            "print",
+        ] {
+            let v: Value = lua.load(format!("return {expr}")).eval().expect("eval");
+            assert!(v.is_nil(), "{expr} is reachable");
+        }
+    }
+
+    #[test]
+    fn memory_limit_stops_a_string_bomb() {
+        let limits = ScriptLimits { memory: 4 << 20 };
+        let lua = new_state(&limits).expect("state");
+        let r = lua
+            .load("local s = string.rep('x', 64 * 1024 * 1024)")
+            .exec();
+        assert!(matches!(r, Err(mlua::Error::MemoryError(_))), "{r:?}");
+    }
+}

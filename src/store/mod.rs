@@ -1,0 +1,215 @@
+//! The database file (redb). Today it holds bucket configuration; users and durable
+//! bucket state join it in later releases, each in its own table.
+//!
+//! Tables:
+//! - `meta`: `schema_version` → u64. A file written by a newer schema is refused.
+//! - `buckets`: bucket name → [`BucketSpec`] as JSON.
+//!
+//! redb calls block (a commit waits for fsync), so async callers go through
+//! `spawn_blocking`.
+
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const BUCKETS: TableDefinition<&str, &[u8]> = TableDefinition::new("buckets");
+const SCHEMA_VERSION: u64 = 1;
+
+/// A storage failure, with a message fit for one log line.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// Another process holds the file.
+    #[error("database {0} is locked by another process (is another bucketlyd running?)")]
+    Locked(String),
+    /// The file is damaged or not a redb file.
+    #[error("database {path} is corrupt or not a bucketly database: {detail}")]
+    Corrupt {
+        /// The file.
+        path: String,
+        /// What redb said.
+        detail: String,
+    },
+    /// Written by a newer bucketly.
+    #[error(
+        "database {path} has schema version {found}; this bucketlyd reads up to {SCHEMA_VERSION}"
+    )]
+    TooNew {
+        /// The file.
+        path: String,
+        /// Its schema version.
+        found: u64,
+    },
+    /// Any other I/O or transaction failure.
+    #[error("database error: {0}")]
+    Io(String),
+}
+
+fn io<E: std::fmt::Display>(e: E) -> StoreError {
+    StoreError::Io(e.to_string())
+}
+
+/// A bucket's configuration as stored: enough to create it again after a restart.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BucketSpec {
+    /// Handler name.
+    pub handler: String,
+    /// Handler config (JSON; `null` when none was given).
+    pub config: serde_json::Value,
+    /// Bucket options (a JSON object; reserved for later releases).
+    #[serde(default)]
+    pub options: serde_json::Map<String, serde_json::Value>,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_ms: u64,
+}
+
+/// The open database file.
+pub struct Store {
+    db: Database,
+}
+
+impl Store {
+    /// Opens `path`, creating it if missing, and checks its schema.
+    ///
+    /// # Errors
+    /// [`StoreError::Locked`], [`StoreError::Corrupt`], [`StoreError::TooNew`] or
+    /// [`StoreError::Io`], each with a message naming the file.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let shown = path.display().to_string();
+        let db = Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked(shown.clone()),
+            redb::DatabaseError::Storage(redb::StorageError::Io(e))
+                if e.kind() != std::io::ErrorKind::InvalidData =>
+            {
+                StoreError::Io(format!("{shown}: {e}"))
+            }
+            other => StoreError::Corrupt {
+                path: shown.clone(),
+                detail: other.to_string(),
+            },
+        })?;
+        let store = Store { db };
+        store.check_schema(&shown)?;
+        Ok(store)
+    }
+
+    fn check_schema(&self, shown: &str) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(io)?;
+        {
+            let mut meta = tx.open_table(META).map_err(|e| StoreError::Corrupt {
+                path: shown.to_owned(),
+                detail: e.to_string(),
+            })?;
+            let found = meta.get("schema_version").map_err(io)?.map(|v| v.value());
+            match found {
+                Some(v) if v > SCHEMA_VERSION => {
+                    return Err(StoreError::TooNew {
+                        path: shown.to_owned(),
+                        found: v,
+                    })
+                }
+                Some(_) => {}
+                None => {
+                    meta.insert("schema_version", SCHEMA_VERSION).map_err(io)?;
+                }
+            }
+            tx.open_table(BUCKETS).map_err(io)?;
+        }
+        tx.commit().map_err(io)
+    }
+
+    /// Stores (or replaces) a bucket's spec; returns once it is on disk.
+    ///
+    /// # Errors
+    /// [`StoreError::Io`].
+    pub fn put_bucket(&self, name: &str, spec: &BucketSpec) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(spec).map_err(io)?;
+        let tx = self.db.begin_write().map_err(io)?;
+        tx.open_table(BUCKETS)
+            .map_err(io)?
+            .insert(name, value.as_slice())
+            .map_err(io)?;
+        tx.commit().map_err(io)
+    }
+
+    /// Removes a bucket's spec; returns once that is on disk.
+    ///
+    /// # Errors
+    /// [`StoreError::Io`].
+    pub fn delete_bucket(&self, name: &str) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(io)?;
+        tx.open_table(BUCKETS)
+            .map_err(io)?
+            .remove(name)
+            .map_err(io)?;
+        tx.commit().map_err(io)
+    }
+
+    /// Every stored bucket, by name. A record that does not parse is reported as an
+    /// error for that bucket rather than failing the whole load.
+    ///
+    /// # Errors
+    /// [`StoreError::Io`] if the table cannot be read.
+    pub fn buckets(&self) -> Result<Vec<(String, Result<BucketSpec, String>)>, StoreError> {
+        let tx = self.db.begin_read().map_err(io)?;
+        let table = tx.open_table(BUCKETS).map_err(io)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(io)? {
+            let (k, v) = row.map_err(io)?;
+            let spec = serde_json::from_slice(v.value()).map_err(|e| e.to_string());
+            out.push((k.value().to_owned(), spec));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> BucketSpec {
+        BucketSpec {
+            handler: "counter".into(),
+            config: serde_json::json!({"max": 3}),
+            options: Default::default(),
+            created_ms: 1,
+        }
+    }
+
+    #[test]
+    fn buckets_survive_reopen_and_delete() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db.redb");
+        {
+            let store = Store::open(&path).expect("open");
+            store.put_bucket("a", &spec()).expect("put");
+            store.put_bucket("b", &spec()).expect("put");
+            store.delete_bucket("b").expect("delete");
+        }
+        let store = Store::open(&path).expect("reopen");
+        let buckets = store.buckets().expect("list");
+        assert_eq!(buckets.len(), 1);
+        assert_eq!(buckets[0].0, "a");
+        assert_eq!(buckets[0].1.as_ref().expect("parses"), &spec());
+    }
+
+    #[test]
+    fn a_second_open_is_refused_as_locked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db.redb");
+        let _first = Store::open(&path).expect("open");
+        let err = Store::open(&path).err().expect("locked");
+        assert!(matches!(err, StoreError::Locked(_)), "{err}");
+    }
+
+    #[test]
+    fn a_file_that_is_not_redb_is_refused_clearly() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db.redb");
+        std::fs::write(&path, vec![0x5au8; 8192]).expect("write");
+        let err = Store::open(&path).err().expect("corrupt");
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+    }
+}
