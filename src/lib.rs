@@ -27,4 +27,5 @@ pub mod script;
 pub mod server;
 pub mod store;
 
+pub use client::Client;
 pub use config::Config;

@@ -1,1 +1,124 @@
-fn main() {}
+//! `bucketlyd`: the daemon. Parses the command line, sets up logging and runs
+//! [`bucketly::server::Server`] until SIGINT or SIGTERM.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use bucketly::config::{self, Config};
+use clap::Parser;
+
+/// bucketly event-aggregation daemon.
+#[derive(Parser, Debug)]
+#[command(name = "bucketlyd", version, about, long_about = None)]
+struct Args {
+    /// Database file (redb); created if missing.
+    #[arg(default_value = config::DEFAULT_DATABASE)]
+    database: PathBuf,
+    /// Directory of extra handler files (NAME.lua); stock handlers are built in.
+    #[arg(long, alias = "bucket_handlers", value_name = "DIR")]
+    handlers: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, alias = "hostname", default_value_t = config::DEFAULT_HOST)]
+    host: IpAddr,
+    /// TCP port (0 picks a free one).
+    #[arg(long, default_value_t = config::DEFAULT_PORT)]
+    port: u16,
+    /// Largest frame body accepted, in bytes.
+    #[arg(long, default_value_t = config::DEFAULT_MAX_FRAME,
+          value_parser = clap::value_parser!(u32).range(config::MIN_MAX_FRAME as i64..=config::MAX_MAX_FRAME as i64))]
+    max_frame: u32,
+    /// Connections served at once; more are refused with TOO_MANY_CONNECTIONS.
+    #[arg(long, default_value_t = config::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// Buckets that may exist at once.
+    #[arg(long, default_value_t = config::DEFAULT_MAX_BUCKETS)]
+    max_buckets: usize,
+    /// Handler threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    workers: usize,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+    let mut config = Config {
+        database: args.database,
+        listen: SocketAddr::new(args.host, args.port),
+        max_frame: args.max_frame,
+        max_connections: args.max_connections,
+        max_buckets: args.max_buckets,
+        workers: args.workers,
+        ..Config::default()
+    };
+    if let Some(dir) = args.handlers {
+        config.handlers_dir = dir;
+        config.handlers_dir_required = true;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("bucketlyd: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: Config) -> ExitCode {
+    let server = match bucketly::server::Server::bind(config).await {
+        Ok(server) => server,
+        Err(e) => {
+            eprintln!("bucketlyd: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match server.local_addr() {
+        // One line on stdout that scripts and tests can wait for.
+        Ok(addr) => println!(
+            "bucketlyd {} listening on {addr}",
+            env!("CARGO_PKG_VERSION")
+        ),
+        Err(e) => {
+            eprintln!("bucketlyd: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    server.run(shutdown_signal()).await;
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {},
+                    _ = term.recv() => {},
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+    tracing::info!("signal received");
+}

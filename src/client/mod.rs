@@ -1,1 +1,284 @@
-//! client
+//! The async Rust client. One [`Client`] is one connection; it is cheap to clone and
+//! every clone pipelines over the same socket: requests are written as they come and
+//! answers are matched in order.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), bucketly::client::ClientError> {
+//! let client = bucketly::Client::connect("127.0.0.1:8484").await?;
+//! client.create("clicks", "counter", None).await?;
+//! client.send("clicks", &["/home", "/about", "/home"]).await?;
+//! println!("{}", client.view("clicks", None).await?);
+//! # Ok(()) }
+//! ```
+
+mod connection;
+mod error;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::net::{TcpStream, ToSocketAddrs};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+
+pub use error::ClientError;
+
+use crate::protocol::{Command, Request, Response, SendBatch, SendOutcome, ServerHello};
+use connection::Outgoing;
+
+/// Requests one client keeps in flight by default; more wait for an answer.
+pub const DEFAULT_CLIENT_IN_FLIGHT: usize = 1024;
+
+/// A connection to `bucketlyd`.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    tx: tokio::sync::mpsc::Sender<Outgoing>,
+    next_id: AtomicU32,
+    hello: ServerHello,
+    in_flight: Arc<Semaphore>,
+}
+
+/// An answer that will arrive; await [`PendingReply::wait`]. Dropping it is fine.
+pub struct PendingReply {
+    rx: oneshot::Receiver<Result<Response, ClientError>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl PendingReply {
+    /// The OK response.
+    ///
+    /// # Errors
+    /// [`ClientError::Server`] for an ERROR answer, or a connection error.
+    pub async fn wait(self) -> Result<Response, ClientError> {
+        let response = self.rx.await.map_err(|_| ClientError::Closed)??;
+        match response.failure() {
+            Ok(None) => Ok(response),
+            Ok(Some((code, message))) => Err(ClientError::Server { code, message }),
+            Err(e) => Err(ClientError::Protocol(e.to_string())),
+        }
+    }
+}
+
+impl Client {
+    /// Connects and performs the handshake.
+    ///
+    /// # Errors
+    /// I/O errors, or the server's FATAL answer (for example TOO_MANY_CONNECTIONS).
+    pub async fn connect(addr: impl ToSocketAddrs) -> Result<Client, ClientError> {
+        Client::connect_with(addr, DEFAULT_CLIENT_IN_FLIGHT).await
+    }
+
+    /// Connects with a custom in-flight limit.
+    ///
+    /// # Errors
+    /// As [`Client::connect`].
+    pub async fn connect_with(
+        addr: impl ToSocketAddrs,
+        max_in_flight: usize,
+    ) -> Result<Client, ClientError> {
+        let socket = TcpStream::connect(addr).await?;
+        let _ = socket.set_nodelay(true);
+        let (hello, tx) = connection::start(socket).await?;
+        Ok(Client {
+            inner: Arc::new(Inner {
+                tx,
+                next_id: AtomicU32::new(1),
+                hello,
+                in_flight: Arc::new(Semaphore::new(max_in_flight.max(1))),
+            }),
+        })
+    }
+
+    /// What the server said in the handshake.
+    pub fn server_hello(&self) -> &ServerHello {
+        &self.inner.hello
+    }
+
+    /// Queues a request and returns its future answer without waiting for it, so many
+    /// can be in flight. Waits only while the in-flight limit is reached.
+    ///
+    /// # Errors
+    /// [`ClientError::TooLarge`] if the frame exceeds the server's maximum, or
+    /// [`ClientError::Closed`].
+    pub async fn start(&self, command: Command) -> Result<PendingReply, ClientError> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut frame = BytesMut::new();
+        Request { id, command }.encode(&mut frame);
+        let max = self.inner.hello.max_frame as usize;
+        if frame.len() - 4 > max {
+            return Err(ClientError::TooLarge {
+                len: frame.len() - 4,
+                max,
+            });
+        }
+        let permit = self
+            .inner
+            .in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| ClientError::Closed)?;
+        let (reply, rx) = oneshot::channel();
+        let out = Outgoing {
+            id,
+            frame: frame.freeze(),
+            reply,
+        };
+        self.inner
+            .tx
+            .send(out)
+            .await
+            .map_err(|_| ClientError::Closed)?;
+        Ok(PendingReply {
+            rx,
+            _permit: permit,
+        })
+    }
+
+    /// Sends a request and waits for its OK payload.
+    ///
+    /// # Errors
+    /// As [`Client::start`] and [`PendingReply::wait`].
+    pub async fn call(&self, command: Command) -> Result<Bytes, ClientError> {
+        Ok(self.start(command).await?.wait().await?.payload)
+    }
+
+    async fn call_json(&self, command: Command) -> Result<serde_json::Value, ClientError> {
+        let payload = self.call(command).await?;
+        serde_json::from_slice(&payload)
+            .map_err(|e| ClientError::Protocol(format!("reply is not JSON: {e}")))
+    }
+
+    /// PING.
+    ///
+    /// # Errors
+    /// Connection errors.
+    pub async fn ping(&self) -> Result<(), ClientError> {
+        self.call(Command::Ping(Bytes::new())).await.map(|_| ())
+    }
+
+    /// CREATE a bucket running `handler` with an optional JSON config.
+    ///
+    /// # Errors
+    /// The server's error (BUCKET_EXISTS, NO_SUCH_HANDLER, HANDLER_ERROR, ...).
+    pub async fn create(
+        &self,
+        bucket: &str,
+        handler: &str,
+        config: Option<&serde_json::Value>,
+    ) -> Result<(), ClientError> {
+        let config = config.map(|c| c.to_string()).unwrap_or_default();
+        self.call(Command::Create {
+            bucket: bucket.into(),
+            handler: handler.into(),
+            config: config.into(),
+            options: Bytes::new(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// DROP a bucket.
+    ///
+    /// # Errors
+    /// The server's error (NO_SUCH_BUCKET, ...).
+    pub async fn drop_bucket(&self, bucket: &str) -> Result<(), ClientError> {
+        self.call(Command::Drop {
+            bucket: bucket.into(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// LIST buckets: a JSON array of `{"name", "handler"}`.
+    ///
+    /// # Errors
+    /// Connection errors.
+    pub async fn list(&self) -> Result<serde_json::Value, ClientError> {
+        self.call_json(Command::List).await
+    }
+
+    /// SEND events to a bucket and wait for the outcome.
+    ///
+    /// # Errors
+    /// The server's error (NO_SUCH_BUCKET, ...). Rejected events are not an error; see
+    /// [`SendOutcome::rejected`].
+    pub async fn send<E: AsRef<[u8]>>(
+        &self,
+        bucket: &str,
+        events: &[E],
+    ) -> Result<SendOutcome, ClientError> {
+        let pending = self.start_send(bucket, events).await?;
+        decode_outcome(pending.wait().await?)
+    }
+
+    /// Queues a SEND without waiting; finish it with [`Client::finish_send`].
+    ///
+    /// # Errors
+    /// As [`Client::start`].
+    pub async fn start_send<E: AsRef<[u8]>>(
+        &self,
+        bucket: &str,
+        events: &[E],
+    ) -> Result<PendingReply, ClientError> {
+        self.start(Command::Send {
+            bucket: bucket.into(),
+            batch: SendBatch::from_events(events),
+        })
+        .await
+    }
+
+    /// Waits for a SEND queued with [`Client::start_send`].
+    ///
+    /// # Errors
+    /// As [`Client::send`].
+    pub async fn finish_send(pending: PendingReply) -> Result<SendOutcome, ClientError> {
+        decode_outcome(pending.wait().await?)
+    }
+
+    /// VIEW a bucket's aggregate, optionally with an argument for the handler.
+    ///
+    /// # Errors
+    /// The server's error (NO_SUCH_BUCKET, HANDLER_ERROR, ...).
+    pub async fn view(
+        &self,
+        bucket: &str,
+        arg: Option<&[u8]>,
+    ) -> Result<serde_json::Value, ClientError> {
+        self.call_json(Command::View {
+            bucket: bucket.into(),
+            arg: arg.map(Bytes::copy_from_slice),
+        })
+        .await
+    }
+
+    /// DUMP a bucket: its aggregate, then reset.
+    ///
+    /// # Errors
+    /// As [`Client::view`].
+    pub async fn dump(&self, bucket: &str) -> Result<serde_json::Value, ClientError> {
+        self.call_json(Command::Dump {
+            bucket: bucket.into(),
+        })
+        .await
+    }
+
+    /// INFO for the server, or for one bucket.
+    ///
+    /// # Errors
+    /// NO_SUCH_BUCKET, or connection errors.
+    pub async fn info(&self, bucket: Option<&str>) -> Result<serde_json::Value, ClientError> {
+        self.call_json(Command::Info {
+            bucket: bucket.map(str::to_owned),
+        })
+        .await
+    }
+}
+
+fn decode_outcome(response: Response) -> Result<SendOutcome, ClientError> {
+    SendOutcome::decode(response.payload).map_err(|e| ClientError::Protocol(e.to_string()))
+}

@@ -1,1 +1,120 @@
-//! server
+//! The daemon: opens the database, loads handlers, starts the engine, accepts
+//! connections and shuts down gracefully.
+
+mod connection;
+mod listener;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::script::HandlerCatalog;
+use crate::store::{Store, StoreError};
+
+/// Why the daemon could not start. Each renders as one line for the operator.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The database file could not be opened.
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    /// The handlers directory could not be read.
+    #[error("cannot read handlers directory {dir}: {source}")]
+    Handlers {
+        /// The directory.
+        dir: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A thread could not be started.
+    #[error("cannot start: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// A bound, ready daemon. [`Server::run`] serves until the shutdown future completes.
+pub struct Server {
+    listener: TcpListener,
+    engine: Arc<Engine>,
+    config: Config,
+}
+
+impl Server {
+    /// Opens the database, loads handlers, restores stored buckets and binds the port.
+    ///
+    /// # Errors
+    /// [`StartError`] with a one-line reason.
+    pub async fn bind(config: Config) -> Result<Server, StartError> {
+        let path = config.database.clone();
+        let store = tokio::task::spawn_blocking(move || Store::open(&path))
+            .await
+            .map_err(|e| StartError::Runtime(std::io::Error::other(e)))??;
+        let catalog = load_catalog(&config)?;
+        let engine = Engine::new(&config, store, catalog).map_err(StartError::Runtime)?;
+        let engine = Arc::new(engine);
+        for problem in engine.restore().await {
+            tracing::warn!("{problem}");
+        }
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        Ok(Server {
+            listener,
+            engine,
+            config,
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    ///
+    /// # Errors
+    /// If the socket cannot report it.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The engine, for in-process inspection.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, lets every connection
+    /// answer what it has read, closes them and stops the handler threads.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        listener::run(self.listener, self.engine.clone(), &self.config, shutdown).await;
+        let engine = self.engine;
+        let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
+    }
+}
+
+fn load_catalog(config: &Config) -> Result<HandlerCatalog, StartError> {
+    let dir = &config.handlers_dir;
+    if !dir.is_dir() && !config.handlers_dir_required {
+        tracing::info!(dir = %dir.display(), "no handlers directory; using the stock handlers");
+        return Ok(HandlerCatalog::stock());
+    }
+    let (catalog, warnings) =
+        HandlerCatalog::with_dir(dir).map_err(|source| StartError::Handlers {
+            dir: dir.display().to_string(),
+            source,
+        })?;
+    for w in warnings {
+        tracing::warn!("{w}");
+    }
+    Ok(catalog)
+}

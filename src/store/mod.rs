@@ -65,6 +65,9 @@ pub struct BucketSpec {
     pub created_ms: u64,
 }
 
+/// A stored bucket: its name and its spec, or why the record does not parse.
+pub type StoredBucket = (String, Result<BucketSpec, String>);
+
 /// The open database file.
 pub struct Store {
     db: Database,
@@ -152,7 +155,7 @@ impl Store {
     ///
     /// # Errors
     /// [`StoreError::Io`] if the table cannot be read.
-    pub fn buckets(&self) -> Result<Vec<(String, Result<BucketSpec, String>)>, StoreError> {
+    pub fn buckets(&self) -> Result<Vec<StoredBucket>, StoreError> {
         let tx = self.db.begin_read().map_err(io)?;
         let table = tx.open_table(BUCKETS).map_err(io)?;
         let mut out = Vec::new();

@@ -1,0 +1,140 @@
+//! The client's socket tasks: a writer that coalesces queued frames into few writes, and
+//! a reader that hands each answer to the oldest waiting request.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+
+use super::ClientError;
+use crate::protocol::frame::check_frame;
+use crate::protocol::{ClientHello, Response, ServerHello, Status};
+
+/// Largest answer the client accepts (the server never sends more than a JSON view).
+const MAX_REPLY_FRAME: u32 = 256 * 1024 * 1024;
+const WRITE_CHUNK: usize = 64 * 1024;
+
+pub(super) struct Outgoing {
+    pub id: u32,
+    pub frame: Bytes,
+    pub reply: oneshot::Sender<Result<Response, ClientError>>,
+}
+
+type Waiting = Arc<Mutex<VecDeque<(u32, oneshot::Sender<Result<Response, ClientError>>)>>>;
+
+/// Handshakes, then spawns the reader and writer tasks.
+pub(super) async fn start(
+    mut socket: TcpStream,
+) -> Result<(ServerHello, mpsc::Sender<Outgoing>), ClientError> {
+    let mut out = BytesMut::new();
+    ClientHello::v1().encode(&mut out);
+    socket.write_all(&out).await?;
+    let mut buf = BytesMut::with_capacity(4096);
+    let response = read_response(&mut socket, &mut buf)
+        .await?
+        .ok_or(ClientError::Closed)?;
+    if let Some((code, message)) = response
+        .failure()
+        .map_err(|e| ClientError::Protocol(e.to_string()))?
+    {
+        return Err(ClientError::Server { code, message });
+    }
+    let hello = ServerHello::decode(response.payload).map_err(ClientError::Protocol)?;
+    let (rd, wr) = socket.into_split();
+    let (tx, rx) = mpsc::channel(256);
+    let waiting: Waiting = Default::default();
+    tokio::spawn(write_loop(wr, rx, waiting.clone()));
+    tokio::spawn(read_loop(rd, buf, waiting));
+    Ok((hello, tx))
+}
+
+async fn read_response(
+    rd: &mut (impl AsyncReadExt + Unpin),
+    buf: &mut BytesMut,
+) -> Result<Option<Response>, ClientError> {
+    loop {
+        match check_frame(buf, MAX_REPLY_FRAME) {
+            Ok(Some(len)) => {
+                let frame = buf.split_to(4 + len).freeze();
+                let response = Response::decode(frame.slice(4..))
+                    .map_err(|e| ClientError::Protocol(e.to_string()))?;
+                return Ok(Some(response));
+            }
+            Ok(None) => {}
+            Err(e) => return Err(ClientError::Protocol(e.to_string())),
+        }
+        buf.reserve(WRITE_CHUNK);
+        if rd.read_buf(buf).await? == 0 {
+            return Ok(None);
+        }
+    }
+}
+
+async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Outgoing>, waiting: Waiting) {
+    let mut out = BytesMut::with_capacity(WRITE_CHUNK);
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(o) = next.take() {
+            // Registered before the bytes leave, so the reader always finds it.
+            waiting.lock().push_back((o.id, o.reply));
+            out.extend_from_slice(&o.frame);
+            if out.len() < WRITE_CHUNK {
+                next = rx.try_recv().ok();
+            }
+        }
+        if wr.write_all(&out).await.is_err() {
+            break;
+        }
+        out.clear();
+    }
+    let _ = wr.shutdown().await;
+}
+
+async fn read_loop(mut rd: OwnedReadHalf, mut buf: BytesMut, waiting: Waiting) {
+    let failure = loop {
+        let response = match read_response(&mut rd, &mut buf).await {
+            Ok(Some(r)) => r,
+            Ok(None) => break None,
+            Err(e) => break Some(e),
+        };
+        if response.status == Status::Fatal {
+            let err = match response.failure() {
+                Ok(Some((code, message))) => ClientError::Server { code, message },
+                _ => ClientError::Protocol("malformed fatal answer".into()),
+            };
+            break Some(err);
+        }
+        let Some((id, reply)) = waiting.lock().pop_front() else {
+            break Some(ClientError::Protocol(format!(
+                "unexpected answer for request {}",
+                response.id
+            )));
+        };
+        if id != response.id {
+            let msg = format!(
+                "answer for request {} arrived while {id} was expected",
+                response.id
+            );
+            let _ = reply.send(Err(ClientError::Protocol(msg.clone())));
+            break Some(ClientError::Protocol(msg));
+        }
+        let _ = reply.send(Ok(response));
+    };
+    // Everything still waiting fails with the connection's fate.
+    for (_, reply) in waiting.lock().drain(..) {
+        let err = match &failure {
+            Some(ClientError::Server { code, message }) => ClientError::Server {
+                code: *code,
+                message: message.clone(),
+            },
+            Some(other) => ClientError::Protocol(other.to_string()),
+            None => ClientError::Closed,
+        };
+        let _ = reply.send(Err(err));
+    }
+}

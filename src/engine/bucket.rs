@@ -1,0 +1,158 @@
+//! A bucket as the rest of the server sees it: a cloneable handle with a bounded mailbox.
+//! The state itself lives on the handler thread that owns the bucket ([`super::worker`]).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::Error;
+use crate::protocol::{Response, SendBatch};
+use crate::store::BucketSpec;
+
+use super::worker::WorkerMsg;
+
+/// Where the actor sends its answer to one request.
+pub type Reply = oneshot::Sender<Response>;
+
+/// A message in a bucket's mailbox. One SEND frame is one message, whatever its size.
+pub enum BucketMsg {
+    /// Apply a batch of events.
+    Send {
+        /// Request id, echoed in the response.
+        id: u32,
+        /// The events.
+        batch: SendBatch,
+        /// Where the answer goes.
+        reply: Reply,
+    },
+    /// Read the aggregate.
+    View {
+        /// Request id.
+        id: u32,
+        /// Argument for the handler's `view`.
+        arg: Option<Bytes>,
+        /// Where the answer goes.
+        reply: Reply,
+    },
+    /// Read the aggregate and reset it.
+    Dump {
+        /// Request id.
+        id: u32,
+        /// Where the answer goes.
+        reply: Reply,
+    },
+    /// The bucket was dropped: the actor answers what is queued before this and ends.
+    Stop,
+}
+
+/// Counters shared between the actor (writer) and INFO (reader).
+#[derive(Debug, Default)]
+pub struct BucketStats {
+    /// Events the handler accepted.
+    pub events: AtomicU64,
+    /// Events the handler rejected.
+    pub rejected: AtomicU64,
+    /// Handler errors in view and dump.
+    pub errors: AtomicU64,
+    /// SEND frames applied.
+    pub sends: AtomicU64,
+    /// VIEW requests answered.
+    pub views: AtomicU64,
+    /// DUMP requests answered.
+    pub dumps: AtomicU64,
+    /// Bytes used by the Lua state after the last message.
+    pub memory: AtomicU64,
+}
+
+/// State shared by a bucket's handle and its actor.
+#[derive(Debug, Default)]
+pub struct BucketShared {
+    /// True while the bucket is queued to run on its handler thread (or running). Lets
+    /// senders skip waking the thread; see the protocol in [`BucketHandle::post`].
+    pub(crate) scheduled: AtomicBool,
+    /// Counters for INFO.
+    pub stats: BucketStats,
+}
+
+/// A cloneable reference to one bucket.
+pub struct BucketHandle {
+    pub(crate) id: u64,
+    /// Bucket name.
+    pub name: String,
+    /// Configuration as created (and stored).
+    pub spec: BucketSpec,
+    /// Index of the handler thread that owns the bucket.
+    pub worker_index: usize,
+    pub(crate) tx: mpsc::Sender<BucketMsg>,
+    pub(crate) worker: crossbeam_channel::Sender<WorkerMsg>,
+    /// Shared counters.
+    pub shared: Arc<BucketShared>,
+}
+
+impl BucketHandle {
+    /// Queues `msg` for the actor, waiting while the mailbox is full (back-pressure
+    /// reaches the sending connection, which stops reading its socket).
+    ///
+    /// # Errors
+    /// [`Error::NoSuchBucket`] if the bucket was dropped meanwhile.
+    pub async fn post(&self, msg: BucketMsg) -> Result<(), Error> {
+        self.tx
+            .send(msg)
+            .await
+            .map_err(|_| Error::NoSuchBucket(self.name.clone()))?;
+        // The thread clears `scheduled` before draining the mailbox, so either it sees
+        // our message or we see `false` here and wake it. A spare wake-up is harmless.
+        if !self.shared.scheduled.swap(true, Ordering::AcqRel) {
+            let _ = self.worker.send(WorkerMsg::Run(self.id));
+        }
+        Ok(())
+    }
+
+    /// Messages waiting in the mailbox.
+    pub fn queue_depth(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
+    /// Mailbox capacity.
+    pub fn queue_capacity(&self) -> usize {
+        self.tx.max_capacity()
+    }
+}
+
+/// Largest bucket name, in bytes.
+pub const MAX_BUCKET_NAME: usize = 255;
+
+/// Checks a bucket name: 1 to 255 of `A-Z a-z 0-9 . _ - :`.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] describing the rule.
+pub fn validate_bucket_name(name: &str) -> Result<(), Error> {
+    let ok = (1..=MAX_BUCKET_NAME).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "invalid bucket name {name:?}: use 1 to {MAX_BUCKET_NAME} characters of A-Z a-z 0-9 . _ - :"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_names() {
+        for ok in ["a", "clicks.home", "A-b_c:1", &"x".repeat(255)] {
+            validate_bucket_name(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in ["", "a b", "a*", "é", &"x".repeat(256)] {
+            assert!(validate_bucket_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}

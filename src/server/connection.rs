@@ -1,0 +1,418 @@
+//! One client connection: handshake, then two halves.
+//!
+//! ```text
+//!  socket ─read─▶ reader: decode every buffered frame ─▶ route ─▶ pending FIFO (bounded)
+//!                                                                      │
+//!  socket ◀─write─ writer: answers in request order, one flush per batch ◀┘
+//! ```
+//!
+//! The reader never waits for an answer, so a client can pipeline; it waits only when
+//! the FIFO, the in-flight byte budget or a bucket mailbox is full, and that stops it
+//! reading the socket (back-pressure to the peer). Framing errors answer FATAL and close;
+//! request errors answer ERROR and the connection stays.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
+
+use crate::config::{Config, HANDSHAKE_TIMEOUT_SECS};
+use crate::engine::{BucketMsg, Engine};
+use crate::error::Error;
+use crate::protocol::frame::check_frame;
+use crate::protocol::handshake::{not_a_hello_message, MAX_HELLO_LEN};
+use crate::protocol::{
+    ClientHello, Command, ErrorCode, FrameError, Request, Response, ServerHello, Status,
+};
+
+/// Per-connection limits, copied from the config.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    max_frame: u32,
+    max_in_flight: usize,
+    max_in_flight_bytes: usize,
+}
+
+impl From<&Config> for Limits {
+    fn from(c: &Config) -> Self {
+        Limits {
+            max_frame: c.max_frame,
+            max_in_flight: c.max_in_flight.max(1),
+            max_in_flight_bytes: c.max_in_flight_bytes.clamp(1, Semaphore::MAX_PERMITS),
+        }
+    }
+}
+
+/// Read buffer growth step.
+const READ_CHUNK: usize = 64 * 1024;
+/// Output flushed once this much is buffered, even if more answers are ready.
+const WRITE_CHUNK: usize = 64 * 1024;
+/// After a FATAL answer, input is read and discarded for at most this long (or this many
+/// bytes) so that closing does not reset the connection before the peer reads it.
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 16 * 1024 * 1024;
+
+/// Why a connection ended, for the log.
+#[derive(Debug)]
+pub(crate) enum CloseReason {
+    PeerClosed,
+    Shutdown,
+    Fatal(ErrorCode),
+    Io(std::io::Error),
+}
+
+impl std::fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CloseReason::PeerClosed => write!(f, "peer closed"),
+            CloseReason::Shutdown => write!(f, "server shutdown"),
+            CloseReason::Fatal(code) => write!(f, "protocol violation: {code}"),
+            CloseReason::Io(e) => write!(f, "i/o error: {e}"),
+        }
+    }
+}
+
+/// An answer owed to the client, in request order.
+enum Pending {
+    Ready(Response),
+    Waiting {
+        id: u32,
+        rx: oneshot::Receiver<Response>,
+    },
+}
+
+/// A pending answer and the share of the in-flight byte budget its request holds.
+struct Slot {
+    pending: Pending,
+    _budget: Option<OwnedSemaphorePermit>,
+}
+
+pub(crate) async fn serve(
+    mut socket: TcpStream,
+    engine: Arc<Engine>,
+    limits: Limits,
+    mut stop: watch::Receiver<bool>,
+) -> CloseReason {
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let handshake = tokio::time::timeout(
+        Duration::from_secs(HANDSHAKE_TIMEOUT_SECS),
+        handshake(&mut socket, &mut buf, limits),
+    );
+    let hello = tokio::select! {
+        r = handshake => r.unwrap_or(Err(HandshakeError::Fatal(ErrorCode::HandshakeTimeout,
+            format!("no handshake within {HANDSHAKE_TIMEOUT_SECS}s")))),
+        _ = stop.changed() => return CloseReason::Shutdown,
+    };
+    let mut out = BytesMut::new();
+    match hello {
+        Ok(hello) => Response::ok(0, hello.payload()).encode(&mut out),
+        Err(HandshakeError::Io(reason)) => return reason,
+        Err(HandshakeError::Fatal(code, msg)) => {
+            engine.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+            Response::error(0, code, &msg).encode(&mut out);
+            let (mut rd, mut wr) = socket.into_split();
+            let _ = wr.write_all(&out).await;
+            let _ = wr.shutdown().await;
+            linger(&mut rd).await;
+            return CloseReason::Fatal(code);
+        }
+    }
+    if let Err(e) = socket.write_all(&out).await {
+        return CloseReason::Io(e);
+    }
+    let (rd, wr) = socket.into_split();
+    let (tx, rx) = mpsc::channel(limits.max_in_flight);
+    let writer = tokio::spawn(write_loop(wr, rx));
+    let mut reader = Reader {
+        rd,
+        buf,
+        engine,
+        limits,
+        tx,
+        budget: Arc::new(Semaphore::new(limits.max_in_flight_bytes)),
+    };
+    let reason = reader.run(&mut stop).await;
+    if let CloseReason::Fatal(_) = reason {
+        reader
+            .engine
+            .stats
+            .protocol_errors
+            .fetch_add(1, Ordering::Relaxed);
+    }
+    let Reader { mut rd, tx, .. } = reader;
+    drop(tx);
+    // The writer answers everything queued, then closes its half.
+    let _ = writer.await;
+    if let CloseReason::Fatal(_) = reason {
+        linger(&mut rd).await;
+    }
+    reason
+}
+
+enum HandshakeError {
+    Fatal(ErrorCode, String),
+    Io(CloseReason),
+}
+
+async fn handshake(
+    socket: &mut TcpStream,
+    buf: &mut BytesMut,
+    limits: Limits,
+) -> Result<ServerHello, HandshakeError> {
+    let body_len = loop {
+        match check_frame(buf, MAX_HELLO_LEN) {
+            Ok(Some(len)) => break len,
+            Ok(None) => {}
+            Err(_) => {
+                return Err(HandshakeError::Fatal(
+                    ErrorCode::BadHandshake,
+                    not_a_hello_message(buf),
+                ))
+            }
+        }
+        match socket.read_buf(buf).await {
+            Ok(0) => return Err(HandshakeError::Io(CloseReason::PeerClosed)),
+            Ok(_) => {}
+            Err(e) => return Err(HandshakeError::Io(CloseReason::Io(e))),
+        }
+    };
+    let frame = buf.split_to(4 + body_len);
+    ClientHello::decode(&frame[4..]).map_err(|(code, msg)| HandshakeError::Fatal(code, msg))?;
+    Ok(ServerHello {
+        version: crate::protocol::PROTOCOL_VERSION,
+        flags: 0,
+        max_frame: limits.max_frame,
+        server: format!("bucketlyd {}", env!("CARGO_PKG_VERSION")),
+    })
+}
+
+/// Reads and discards input for a short, bounded while, so the peer can read our last
+/// frame before the socket closes (closing with unread input would reset it).
+async fn linger(rd: &mut (impl AsyncReadExt + Unpin)) {
+    let mut scratch = vec![0u8; 64 * 1024];
+    let mut total = 0;
+    let _ = tokio::time::timeout(LINGER, async {
+        while total < LINGER_BYTES {
+            match rd.read(&mut scratch).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await;
+}
+
+struct Reader {
+    rd: OwnedReadHalf,
+    buf: BytesMut,
+    engine: Arc<Engine>,
+    limits: Limits,
+    tx: mpsc::Sender<Slot>,
+    budget: Arc<Semaphore>,
+}
+
+impl Reader {
+    async fn run(&mut self, stop: &mut watch::Receiver<bool>) -> CloseReason {
+        loop {
+            // Route every complete frame already buffered before reading again.
+            loop {
+                match check_frame(&self.buf, self.limits.max_frame) {
+                    Ok(Some(len)) => {
+                        let frame = self.buf.split_to(4 + len).freeze();
+                        if let Some(reason) = self.route(frame.slice(4..)).await {
+                            return reason;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        let code = match e {
+                            FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
+                            FrameError::Empty => ErrorCode::ProtocolError,
+                        };
+                        self.answer(Response::error(0, code, &e.to_string()), None)
+                            .await;
+                        return CloseReason::Fatal(code);
+                    }
+                }
+            }
+            // The header (if buffered) was validated above, so growing to the announced
+            // frame size is within the limit.
+            let wanted = match self.buf.first_chunk::<4>() {
+                Some(h) => (4 + u32::from_be_bytes(*h) as usize).saturating_sub(self.buf.len()),
+                None => 4,
+            };
+            self.buf
+                .reserve(wanted.clamp(READ_CHUNK, READ_CHUNK.max(wanted)));
+            tokio::select! {
+                read = self.rd.read_buf(&mut self.buf) => match read {
+                    Ok(0) => return CloseReason::PeerClosed,
+                    Ok(_) => {}
+                    Err(e) => return CloseReason::Io(e),
+                },
+                _ = stop.changed() => {
+                    let msg = "the server is shutting down";
+                    self.answer(Response::error(0, ErrorCode::ShuttingDown, msg), None).await;
+                    return CloseReason::Shutdown;
+                }
+            }
+        }
+    }
+
+    /// Queues an answer; false if the writer is gone (the socket failed).
+    async fn answer(&self, response: Response, budget: Option<OwnedSemaphorePermit>) -> bool {
+        let slot = Slot {
+            pending: Pending::Ready(response),
+            _budget: budget,
+        };
+        self.tx.send(slot).await.is_ok()
+    }
+
+    /// Decodes one request body and routes it. Returns a reason to stop reading.
+    async fn route(&mut self, body: Bytes) -> Option<CloseReason> {
+        self.engine.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let cost = body.len().clamp(1, self.limits.max_in_flight_bytes) as u32;
+        let budget = self.budget.clone().acquire_many_owned(cost).await.ok();
+        let request = match Request::decode(body) {
+            Ok(request) => request,
+            Err(e) => {
+                let fatal = e.id.is_none();
+                let sent = self
+                    .answer(
+                        Response::error(e.id.unwrap_or(0), e.code, &e.message),
+                        budget,
+                    )
+                    .await;
+                return match (fatal, sent) {
+                    (true, _) => Some(CloseReason::Fatal(e.code)),
+                    (false, true) => None,
+                    (false, false) => Some(CloseReason::PeerClosed),
+                };
+            }
+        };
+        let pending = match self.dispatch(request).await {
+            Ok(pending) => pending,
+            Err((id, e)) => Pending::Ready(Response::error(id, e.code(), &e.to_string())),
+        };
+        let slot = Slot {
+            pending,
+            _budget: budget,
+        };
+        match self.tx.send(slot).await {
+            Ok(()) => None,
+            Err(_) => Some(CloseReason::PeerClosed),
+        }
+    }
+
+    async fn dispatch(&self, request: Request) -> Result<Pending, (u32, Error)> {
+        let id = request.id;
+        let engine = &self.engine;
+        let fail = |e: Error| (id, e);
+        let ready = |payload: Vec<u8>| Ok(Pending::Ready(Response::ok(id, payload.into())));
+        let (bucket, msg_for) = match request.command {
+            Command::Ping(payload) => return Ok(Pending::Ready(Response::ok(id, payload))),
+            Command::List => return ready(engine.list_json()),
+            Command::Info { bucket } => {
+                return engine
+                    .info_json(bucket.as_deref())
+                    .map_err(fail)
+                    .and_then(ready)
+            }
+            // CREATE and DROP finish before the next request is read, so a pipelined
+            // SEND after CREATE finds the bucket.
+            Command::Create {
+                bucket,
+                handler,
+                config,
+                options,
+            } => {
+                engine
+                    .create(&bucket, &handler, &config, &options)
+                    .await
+                    .map_err(fail)?;
+                return Ok(Pending::Ready(Response::empty(id)));
+            }
+            Command::Drop { bucket } => {
+                engine.drop_bucket(&bucket).await.map_err(fail)?;
+                return Ok(Pending::Ready(Response::empty(id)));
+            }
+            Command::Send { bucket, batch } => (bucket, Msg::Send(batch)),
+            Command::View { bucket, arg } => (bucket, Msg::View(arg)),
+            Command::Dump { bucket } => (bucket, Msg::Dump),
+        };
+        let handle = engine.bucket(&bucket).map_err(fail)?;
+        let (reply, rx) = oneshot::channel();
+        let msg = match msg_for {
+            Msg::Send(batch) => BucketMsg::Send { id, batch, reply },
+            Msg::View(arg) => BucketMsg::View { id, arg, reply },
+            Msg::Dump => BucketMsg::Dump { id, reply },
+        };
+        handle.post(msg).await.map_err(fail)?;
+        Ok(Pending::Waiting { id, rx })
+    }
+}
+
+enum Msg {
+    Send(crate::protocol::SendBatch),
+    View(Option<Bytes>),
+    Dump,
+}
+
+/// Writes answers in request order. Answers that are ready are coalesced into one
+/// write; before waiting on a slow one, whatever is buffered is flushed.
+async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Slot>) {
+    let mut out = BytesMut::with_capacity(WRITE_CHUNK);
+    'outer: while let Some(mut slot) = rx.recv().await {
+        loop {
+            let response = match slot.pending {
+                Pending::Ready(r) => r,
+                Pending::Waiting { id, mut rx } => match rx.try_recv() {
+                    Ok(r) => r,
+                    Err(oneshot::error::TryRecvError::Empty) => {
+                        if !out.is_empty() && wr.write_all(&out).await.is_err() {
+                            return;
+                        }
+                        out.clear();
+                        rx.await.unwrap_or_else(|_| dropped(id))
+                    }
+                    Err(oneshot::error::TryRecvError::Closed) => dropped(id),
+                },
+            };
+            drop(slot._budget);
+            response.encode(&mut out);
+            if response.status == Status::Fatal {
+                break 'outer;
+            }
+            if out.len() >= WRITE_CHUNK {
+                if wr.write_all(&out).await.is_err() {
+                    return;
+                }
+                out.clear();
+            }
+            match rx.try_recv() {
+                Ok(next) => slot = next,
+                Err(_) => break,
+            }
+        }
+        if !out.is_empty() {
+            if wr.write_all(&out).await.is_err() {
+                return;
+            }
+            out.clear();
+        }
+    }
+    if !out.is_empty() {
+        let _ = wr.write_all(&out).await;
+    }
+    let _ = wr.shutdown().await;
+}
+
+/// The answer for a request whose bucket went away before running it.
+fn dropped(id: u32) -> Response {
+    let e = Error::NoSuchBucket("(dropped before this request ran)".into());
+    Response::error(id, e.code(), &e.to_string())
+}

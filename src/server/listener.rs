@@ -1,0 +1,87 @@
+//! The accept loop: connection limit, and the shutdown sequence.
+
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, Semaphore};
+
+use crate::config::{Config, SHUTDOWN_GRACE_SECS};
+use crate::engine::Engine;
+use crate::protocol::{ErrorCode, Response};
+
+use super::connection::{self, Limits};
+
+pub(crate) async fn run(
+    listener: TcpListener,
+    engine: Arc<Engine>,
+    config: &Config,
+    shutdown: impl Future<Output = ()>,
+) {
+    let slots = Arc::new(Semaphore::new(config.max_connections));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    // Every connection task holds a clone; `recv` returns None once all have ended.
+    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    let limits = Limits::from(config);
+    tokio::pin!(shutdown);
+    loop {
+        let (socket, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Typically EMFILE: back off instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = socket.set_nodelay(true);
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            engine
+                .stats
+                .connections_refused
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, "refusing connection: at the limit of {} connections", config.max_connections);
+            tokio::spawn(refuse(socket, config.max_connections));
+            continue;
+        };
+        let (engine, stop_rx, done_tx) = (engine.clone(), stop_rx.clone(), done_tx.clone());
+        tokio::spawn(async move {
+            engine.stats.connections.fetch_add(1, Ordering::Relaxed);
+            engine
+                .stats
+                .connections_total
+                .fetch_add(1, Ordering::Relaxed);
+            let reason = connection::serve(socket, engine.clone(), limits, stop_rx).await;
+            tracing::debug!(%peer, "connection closed: {reason}");
+            engine.stats.connections.fetch_sub(1, Ordering::Relaxed);
+            drop((slot, done_tx));
+        });
+    }
+    drop(listener);
+    tracing::info!("shutting down: no new connections; draining open ones");
+    let _ = stop_tx.send(true);
+    drop(done_tx);
+    let grace = Duration::from_secs(SHUTDOWN_GRACE_SECS);
+    if tokio::time::timeout(grace, done_rx.recv()).await.is_err() {
+        tracing::warn!("connections still open after {SHUTDOWN_GRACE_SECS}s; closing them");
+    }
+}
+
+/// Tells a client over the limit why, then closes.
+async fn refuse(mut socket: TcpStream, max: usize) {
+    let mut out = BytesMut::new();
+    let msg = format!("the server is at its limit of {max} connections; try again later");
+    Response::error(0, ErrorCode::TooManyConnections, &msg).encode(&mut out);
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = socket.write_all(&out).await;
+        let _ = socket.shutdown().await;
+    })
+    .await;
+}
