@@ -9,11 +9,12 @@ use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 
 use super::ClientError;
 use crate::protocol::frame::check_frame;
-use crate::protocol::{ClientHello, Response, ServerHello, Status};
+use crate::protocol::handshake::FLAG_LOGIN_REQUIRED;
+use crate::protocol::{ClientHello, Response, ServerHello, Status, PROTOCOL_VERSION};
 
 /// Largest answer the client accepts (the server never sends more than a JSON view).
 const MAX_REPLY_FRAME: u32 = 256 * 1024 * 1024;
@@ -23,9 +24,13 @@ pub(super) struct Outgoing {
     pub id: u32,
     pub frame: Bytes,
     pub reply: oneshot::Sender<Result<Response, ClientError>>,
+    /// The request's in-flight slot; held only to be released (dropped) when its
+    /// answer arrives.
+    pub _permit: OwnedSemaphorePermit,
 }
 
-type Waiting = Arc<Mutex<VecDeque<(u32, oneshot::Sender<Result<Response, ClientError>>)>>>;
+/// Requests written and not yet answered, oldest first.
+type Waiting = Arc<Mutex<VecDeque<Outgoing>>>;
 
 /// Handshakes, then spawns the reader and writer tasks.
 pub(super) async fn start(
@@ -45,6 +50,15 @@ pub(super) async fn start(
         return Err(ClientError::Server { code, message });
     }
     let hello = ServerHello::decode(response.payload).map_err(ClientError::Protocol)?;
+    if hello.version != PROTOCOL_VERSION {
+        return Err(ClientError::Protocol(format!(
+            "server speaks protocol version {}, this client {PROTOCOL_VERSION}",
+            hello.version
+        )));
+    }
+    if hello.flags & FLAG_LOGIN_REQUIRED != 0 {
+        return Err(ClientError::Protocol("the server requires a login, which this client version does not support".into()));
+    }
     let (rd, wr) = socket.into_split();
     let (tx, rx) = mpsc::channel(256);
     let waiting: Waiting = Default::default();
@@ -80,9 +94,9 @@ async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Outgoing>, wa
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         while let Some(o) = next.take() {
-            // Registered before the bytes leave, so the reader always finds it.
-            waiting.lock().push_back((o.id, o.reply));
             out.extend_from_slice(&o.frame);
+            // Registered before the bytes leave, so the reader always finds it.
+            waiting.lock().push_back(o);
             if out.len() < WRITE_CHUNK {
                 next = rx.try_recv().ok();
             }
@@ -109,7 +123,7 @@ async fn read_loop(mut rd: OwnedReadHalf, mut buf: BytesMut, waiting: Waiting) {
             };
             break Some(err);
         }
-        let Some((id, reply)) = waiting.lock().pop_front() else {
+        let Some(Outgoing { id, reply, .. }) = waiting.lock().pop_front() else {
             break Some(ClientError::Protocol(format!(
                 "unexpected answer for request {}",
                 response.id
@@ -126,7 +140,7 @@ async fn read_loop(mut rd: OwnedReadHalf, mut buf: BytesMut, waiting: Waiting) {
         let _ = reply.send(Ok(response));
     };
     // Everything still waiting fails with the connection's fate.
-    for (_, reply) in waiting.lock().drain(..) {
+    for Outgoing { reply, .. } in waiting.lock().drain(..) {
         let err = match &failure {
             Some(ClientError::Server { code, message }) => ClientError::Server {
                 code: *code,

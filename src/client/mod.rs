@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use tokio::net::{TcpStream, ToSocketAddrs};
-use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, Semaphore};
 
 pub use error::ClientError;
 
@@ -43,9 +43,10 @@ struct Inner {
 }
 
 /// An answer that will arrive; await [`PendingReply::wait`]. Dropping it is fine.
+/// Its in-flight slot is released when the answer arrives, not when it is read, so a
+/// caller may hold any number of these.
 pub struct PendingReply {
     rx: oneshot::Receiver<Result<Response, ClientError>>,
-    _permit: OwnedSemaphorePermit,
 }
 
 impl PendingReply {
@@ -127,16 +128,14 @@ impl Client {
             id,
             frame: frame.freeze(),
             reply,
+            _permit: permit,
         };
         self.inner
             .tx
             .send(out)
             .await
             .map_err(|_| ClientError::Closed)?;
-        Ok(PendingReply {
-            rx,
-            _permit: permit,
-        })
+        Ok(PendingReply { rx })
     }
 
     /// Sends a request and waits for its OK payload.

@@ -16,6 +16,9 @@ pub mod request;
 pub mod response;
 pub mod wire;
 
+#[cfg(test)]
+mod proptests;
+
 pub use codes::ErrorCode;
 pub use frame::{check_frame, FrameError, FRAME_HEADER_LEN};
 pub use handshake::{ClientHello, ServerHello, MAGIC, PROTOCOL_VERSION};

@@ -185,8 +185,9 @@ impl SendBatch {
                 .get(pos..pos + 4)
                 .ok_or(WireError::Truncated("event"))?;
             let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
-            pos = pos
-                .checked_add(4 + len)
+            pos = len
+                .checked_add(4)
+                .and_then(|n| pos.checked_add(n))
                 .filter(|&p| p <= data.len())
                 .ok_or(WireError::Truncated("event"))?;
         }

@@ -56,6 +56,10 @@ const WRITE_CHUNK: usize = 64 * 1024;
 /// bytes) so that closing does not reset the connection before the peer reads it.
 const LINGER: Duration = Duration::from_secs(1);
 const LINGER_BYTES: usize = 16 * 1024 * 1024;
+/// A write that makes no progress for this long means the peer stopped reading (a slow
+/// consumer): the connection is closed and the answers it was owed are dropped. This
+/// bounds how long pending output is held.
+pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why a connection ended, for the log.
 #[derive(Debug)]
@@ -106,19 +110,17 @@ pub(crate) async fn serve(
     let hello = tokio::select! {
         r = handshake => r.unwrap_or(Err(HandshakeError::Fatal(ErrorCode::HandshakeTimeout,
             format!("no handshake within {HANDSHAKE_TIMEOUT_SECS}s")))),
-        _ = stop.changed() => return CloseReason::Shutdown,
+        _ = stop.changed() => Err(HandshakeError::Fatal(ErrorCode::ShuttingDown, "the server is shutting down".into())),
     };
     let mut out = BytesMut::new();
     match hello {
         Ok(hello) => Response::ok(0, hello.payload()).encode(&mut out),
         Err(HandshakeError::Io(reason)) => return reason,
         Err(HandshakeError::Fatal(code, msg)) => {
-            engine.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
-            Response::error(0, code, &msg).encode(&mut out);
-            let (mut rd, mut wr) = socket.into_split();
-            let _ = wr.write_all(&out).await;
-            let _ = wr.shutdown().await;
-            linger(&mut rd).await;
+            if code != ErrorCode::ShuttingDown {
+                engine.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+            }
+            close_with(socket, Response::error(0, code, &msg)).await;
             return CloseReason::Fatal(code);
         }
     }
@@ -148,10 +150,22 @@ pub(crate) async fn serve(
     drop(tx);
     // The writer answers everything queued, then closes its half.
     let _ = writer.await;
-    if let CloseReason::Fatal(_) = reason {
+    if matches!(reason, CloseReason::Fatal(_) | CloseReason::Shutdown) {
         linger(&mut rd).await;
     }
     reason
+}
+
+/// Sends one last (FATAL) answer on a socket that has no writer task, then closes it
+/// without resetting: used for handshake failures and refused connections.
+pub(crate) async fn close_with(socket: TcpStream, last: Response) {
+    let mut out = BytesMut::new();
+    last.encode(&mut out);
+    let (mut rd, mut wr) = socket.into_split();
+    if tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&out)).await.is_ok() {
+        let _ = wr.shutdown().await;
+        linger(&mut rd).await;
+    }
 }
 
 enum HandshakeError {
@@ -362,6 +376,16 @@ enum Msg {
     Dump,
 }
 
+/// Writes all of `out` unless the peer stops reading for [`WRITE_TIMEOUT`].
+async fn flush(wr: &mut OwnedWriteHalf, out: &mut BytesMut) -> bool {
+    let ok = matches!(tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(out)).await, Ok(Ok(())));
+    if !ok {
+        tracing::info!("closing connection: peer did not read its answers for {}s (slow consumer)", WRITE_TIMEOUT.as_secs());
+    }
+    out.clear();
+    ok
+}
+
 /// Writes answers in request order. Answers that are ready are coalesced into one
 /// write; before waiting on a slow one, whatever is buffered is flushed.
 async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Slot>) {
@@ -373,10 +397,9 @@ async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Slot>) {
                 Pending::Waiting { id, mut rx } => match rx.try_recv() {
                     Ok(r) => r,
                     Err(oneshot::error::TryRecvError::Empty) => {
-                        if !out.is_empty() && wr.write_all(&out).await.is_err() {
+                        if !out.is_empty() && !flush(&mut wr, &mut out).await {
                             return;
                         }
-                        out.clear();
                         rx.await.unwrap_or_else(|_| dropped(id))
                     }
                     Err(oneshot::error::TryRecvError::Closed) => dropped(id),
@@ -387,32 +410,26 @@ async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Slot>) {
             if response.status == Status::Fatal {
                 break 'outer;
             }
-            if out.len() >= WRITE_CHUNK {
-                if wr.write_all(&out).await.is_err() {
-                    return;
-                }
-                out.clear();
+            if out.len() >= WRITE_CHUNK && !flush(&mut wr, &mut out).await {
+                return;
             }
             match rx.try_recv() {
                 Ok(next) => slot = next,
                 Err(_) => break,
             }
         }
-        if !out.is_empty() {
-            if wr.write_all(&out).await.is_err() {
-                return;
-            }
-            out.clear();
+        if !out.is_empty() && !flush(&mut wr, &mut out).await {
+            return;
         }
     }
-    if !out.is_empty() {
-        let _ = wr.write_all(&out).await;
+    if !out.is_empty() && !flush(&mut wr, &mut out).await {
+        return;
     }
     let _ = wr.shutdown().await;
 }
 
-/// The answer for a request whose bucket went away before running it.
+/// The answer for a request whose bucket was dropped before running it.
 fn dropped(id: u32) -> Response {
-    let e = Error::NoSuchBucket("(dropped before this request ran)".into());
-    Response::error(id, e.code(), &e.to_string())
+    let msg = "the bucket was dropped before this request ran";
+    Response::error(id, crate::protocol::ErrorCode::NoSuchBucket, msg)
 }

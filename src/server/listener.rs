@@ -5,8 +5,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 
@@ -75,13 +73,7 @@ pub(crate) async fn run(
 }
 
 /// Tells a client over the limit why, then closes.
-async fn refuse(mut socket: TcpStream, max: usize) {
-    let mut out = BytesMut::new();
+async fn refuse(socket: TcpStream, max: usize) {
     let msg = format!("the server is at its limit of {max} connections; try again later");
-    Response::error(0, ErrorCode::TooManyConnections, &msg).encode(&mut out);
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        let _ = socket.write_all(&out).await;
-        let _ = socket.shutdown().await;
-    })
-    .await;
+    connection::close_with(socket, Response::error(0, ErrorCode::TooManyConnections, &msg)).await;
 }

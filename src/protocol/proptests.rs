@@ -1,0 +1,123 @@
+//! Property tests of the codec: encode/decode round trips, any split of a valid byte
+//! stream decodes the same, and arbitrary bytes never panic a decoder.
+
+use bytes::{Bytes, BytesMut};
+use proptest::prelude::*;
+
+use super::frame::check_frame;
+use super::{ClientHello, Command, Request, Response, SendBatch, SendOutcome, ServerHello};
+
+fn name() -> impl Strategy<Value = String> {
+    "[a-z0-9._:-]{0,20}"
+}
+
+fn blob() -> impl Strategy<Value = Bytes> {
+    proptest::collection::vec(any::<u8>(), 0..40).prop_map(Bytes::from)
+}
+
+fn command() -> impl Strategy<Value = Command> {
+    prop_oneof![
+        blob().prop_map(Command::Ping),
+        (name(), name(), blob(), blob()).prop_map(|(bucket, handler, config, options)| Command::Create {
+            bucket,
+            handler,
+            config,
+            options
+        }),
+        name().prop_map(|bucket| Command::Drop { bucket }),
+        Just(Command::List),
+        (name(), proptest::collection::vec(blob(), 0..8)).prop_map(|(bucket, events)| Command::Send {
+            bucket,
+            batch: SendBatch::from_events(&events),
+        }),
+        (name(), proptest::option::of(blob())).prop_map(|(bucket, arg)| Command::View { bucket, arg }),
+        name().prop_map(|bucket| Command::Dump { bucket }),
+        proptest::option::of(name()).prop_map(|bucket| Command::Info { bucket }),
+    ]
+}
+
+fn request() -> impl Strategy<Value = Request> {
+    (any::<u32>(), command()).prop_map(|(id, command)| Request { id, command })
+}
+
+/// Decodes every complete frame in `buf`, as the server's reader does.
+fn drain(buf: &mut BytesMut, out: &mut Vec<Request>) {
+    while let Some(len) = check_frame(buf, u32::MAX).expect("valid framing") {
+        let frame = buf.split_to(4 + len).freeze();
+        out.push(Request::decode(frame.slice(4..)).expect("valid request"));
+    }
+}
+
+proptest! {
+    #[test]
+    fn requests_round_trip(req in request()) {
+        let mut out = BytesMut::new();
+        req.encode(&mut out);
+        prop_assert_eq!(Request::decode(out.freeze().slice(4..)), Ok(req));
+    }
+
+    #[test]
+    fn any_split_of_a_stream_decodes_the_same(
+        reqs in proptest::collection::vec(request(), 1..12),
+        cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..16),
+    ) {
+        let mut wire = BytesMut::new();
+        for r in &reqs {
+            r.encode(&mut wire);
+        }
+        let mut points: Vec<usize> = cuts.iter().map(|c| c.index(wire.len() + 1)).collect();
+        points.push(wire.len());
+        points.sort_unstable();
+        let (mut buf, mut got, mut from) = (BytesMut::new(), Vec::new(), 0);
+        for to in points {
+            buf.extend_from_slice(&wire[from..to]);
+            from = to;
+            drain(&mut buf, &mut got);
+        }
+        prop_assert!(buf.is_empty());
+        prop_assert_eq!(got, reqs);
+    }
+
+    #[test]
+    fn responses_and_outcomes_round_trip(
+        id in any::<u32>(),
+        payload in blob(),
+        accepted in any::<u32>(),
+        reasons in proptest::collection::vec((any::<u32>(), "[ -~]{0,30}"), 0..16),
+    ) {
+        let mut out = BytesMut::new();
+        let r = Response::ok(id, payload);
+        r.encode(&mut out);
+        prop_assert_eq!(Response::decode(out.freeze().slice(4..)), Ok(r));
+        let o = SendOutcome { accepted, rejected: reasons.len() as u32, reasons };
+        prop_assert_eq!(SendOutcome::decode(o.encode()), Ok(o));
+    }
+
+    #[test]
+    fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+        let b = Bytes::from(bytes);
+        let _ = check_frame(&b, 1024);
+        let _ = Request::decode(b.clone());
+        let _ = ClientHello::decode(&b);
+        let _ = ServerHello::decode(b.clone());
+        let _ = SendOutcome::decode(b.clone());
+        if let Ok(r) = Response::decode(b) {
+            let _ = r.failure();
+        }
+    }
+
+    #[test]
+    fn mutated_valid_requests_never_panic(req in request(), flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6)) {
+        let mut out = BytesMut::new();
+        req.encode(&mut out);
+        let mut body = out[4..].to_vec();
+        for (at, byte) in flips {
+            let i = at.index(body.len());
+            body[i] = byte;
+        }
+        if let Ok(Request { command: Command::Send { batch, .. }, .. }) = Request::decode(Bytes::from(body)) {
+            // A decoded batch is always fully iterable.
+            prop_assert_eq!(batch.iter().count(), batch.len());
+        }
+    }
+}
