@@ -57,7 +57,9 @@ pub(super) async fn start(
         )));
     }
     if hello.flags & FLAG_LOGIN_REQUIRED != 0 {
-        return Err(ClientError::Protocol("the server requires a login, which this client version does not support".into()));
+        return Err(ClientError::Protocol(
+            "the server requires a login, which this client version does not support".into(),
+        ));
     }
     let (rd, wr) = socket.into_split();
     let (tx, rx) = mpsc::channel(256);

@@ -18,19 +18,24 @@ fn blob() -> impl Strategy<Value = Bytes> {
 fn command() -> impl Strategy<Value = Command> {
     prop_oneof![
         blob().prop_map(Command::Ping),
-        (name(), name(), blob(), blob()).prop_map(|(bucket, handler, config, options)| Command::Create {
-            bucket,
-            handler,
-            config,
-            options
+        (name(), name(), blob(), blob()).prop_map(|(bucket, handler, config, options)| {
+            Command::Create {
+                bucket,
+                handler,
+                config,
+                options,
+            }
         }),
         name().prop_map(|bucket| Command::Drop { bucket }),
         Just(Command::List),
-        (name(), proptest::collection::vec(blob(), 0..8)).prop_map(|(bucket, events)| Command::Send {
-            bucket,
-            batch: SendBatch::from_events(&events),
+        (name(), proptest::collection::vec(blob(), 0..8)).prop_map(|(bucket, events)| {
+            Command::Send {
+                bucket,
+                batch: SendBatch::from_events(&events),
+            }
         }),
-        (name(), proptest::option::of(blob())).prop_map(|(bucket, arg)| Command::View { bucket, arg }),
+        (name(), proptest::option::of(blob()))
+            .prop_map(|(bucket, arg)| Command::View { bucket, arg }),
         name().prop_map(|bucket| Command::Dump { bucket }),
         proptest::option::of(name()).prop_map(|bucket| Command::Info { bucket }),
     ]

@@ -162,7 +162,10 @@ pub(crate) async fn close_with(socket: TcpStream, last: Response) {
     let mut out = BytesMut::new();
     last.encode(&mut out);
     let (mut rd, mut wr) = socket.into_split();
-    if tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&out)).await.is_ok() {
+    if tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&out))
+        .await
+        .is_ok()
+    {
         let _ = wr.shutdown().await;
         linger(&mut rd).await;
     }
@@ -378,9 +381,15 @@ enum Msg {
 
 /// Writes all of `out` unless the peer stops reading for [`WRITE_TIMEOUT`].
 async fn flush(wr: &mut OwnedWriteHalf, out: &mut BytesMut) -> bool {
-    let ok = matches!(tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(out)).await, Ok(Ok(())));
+    let ok = matches!(
+        tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(out)).await,
+        Ok(Ok(()))
+    );
     if !ok {
-        tracing::info!("closing connection: peer did not read its answers for {}s (slow consumer)", WRITE_TIMEOUT.as_secs());
+        tracing::info!(
+            "closing connection: peer did not read its answers for {}s (slow consumer)",
+            WRITE_TIMEOUT.as_secs()
+        );
     }
     out.clear();
     ok

@@ -75,5 +75,9 @@ pub(crate) async fn run(
 /// Tells a client over the limit why, then closes.
 async fn refuse(socket: TcpStream, max: usize) {
     let msg = format!("the server is at its limit of {max} connections; try again later");
-    connection::close_with(socket, Response::error(0, ErrorCode::TooManyConnections, &msg)).await;
+    connection::close_with(
+        socket,
+        Response::error(0, ErrorCode::TooManyConnections, &msg),
+    )
+    .await;
 }

@@ -31,13 +31,21 @@ async fn run_owned(port: u16, args: Vec<String>, stdin: Vec<u8>) -> Output {
 
 async fn ok_json(daemon: &Daemon, args: &[&str]) -> Value {
     let out = run(daemon, args, b"").await;
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("one JSON value")
 }
 
 async fn ok(daemon: &Daemon, args: &[&str], stdin: &[u8]) {
     let out = run(daemon, args, stdin).await;
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 // `bucketly send` of 100,000 lines from stdin into a counter bucket over one connection
@@ -47,10 +55,17 @@ async fn send_100k_lines_from_stdin() {
     let dir = tempfile::tempdir().expect("tempdir");
     let daemon = Daemon::start(dir.path(), &[]).await;
     ok(&daemon, &["create", "clicks", "--handler", "counter"], b"").await;
-    let lines: String = (0..100_000).map(|i| format!("/page/{}\n", i % 1000)).collect();
+    let lines: String = (0..100_000)
+        .map(|i| format!("/page/{}\n", i % 1000))
+        .collect();
     ok(&daemon, &["send", "clicks"], lines.as_bytes()).await;
     let view = ok_json(&daemon, &["view", "clicks"]).await;
-    let total: u64 = view.as_object().expect("object").values().map(|v| v.as_u64().expect("count")).sum();
+    let total: u64 = view
+        .as_object()
+        .expect("object")
+        .values()
+        .map(|v| v.as_u64().expect("count"))
+        .sum();
     assert_eq!(total, 100_000);
     assert_eq!(view["/page/7"], 100);
     assert!(daemon.terminate().await.success());
@@ -66,13 +81,23 @@ async fn eight_concurrent_cli_senders() {
     let mut senders = Vec::new();
     for s in 0..8 {
         // Sender s contributes members s*50000 .. s*50000+49999 spread over 10 keys.
-        let lines: String = (0..50_000).map(|i| format!("k{} m{}\n", i % 10, s * 50_000 + i)).collect();
+        let lines: String = (0..50_000)
+            .map(|i| format!("k{} m{}\n", i % 10, s * 50_000 + i))
+            .collect();
         let args = vec!["send".to_string(), "u".to_string()];
-        senders.push(tokio::spawn(run_owned(daemon.addr.port(), args, lines.into_bytes())));
+        senders.push(tokio::spawn(run_owned(
+            daemon.addr.port(),
+            args,
+            lines.into_bytes(),
+        )));
     }
     for sender in senders {
         let out = sender.await.expect("sender task");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let view = ok_json(&daemon, &["view", "u"]).await;
     for k in 0..10 {
@@ -91,7 +116,19 @@ async fn cli_commands_and_errors() {
     let ping = run(&daemon, &["ping"], b"").await;
     assert_eq!(String::from_utf8_lossy(&ping.stdout).trim(), "PONG");
     ok(&daemon, &["create", "s", "--handler", "stats"], b"").await;
-    ok(&daemon, &["create", "l", "--handler", "list", "--config", r#"{"max": 2}"#], b"").await;
+    ok(
+        &daemon,
+        &[
+            "create",
+            "l",
+            "--handler",
+            "list",
+            "--config",
+            r#"{"max": 2}"#,
+        ],
+        b"",
+    )
+    .await;
     ok(&daemon, &["send", "s", "1", "2", "3"], b"").await;
     ok(&daemon, &["send", "l", "a", "b", "c"], b"").await;
     assert_eq!(ok_json(&daemon, &["view", "s", "max"]).await, json!(3));
@@ -104,16 +141,25 @@ async fn cli_commands_and_errors() {
     for (args, needle) in [
         (vec!["view", "nope"], "NO_SUCH_BUCKET"),
         (vec!["create", "x", "--handler", "nope"], "NO_SUCH_HANDLER"),
-        (vec!["create", "x", "--handler", "list", "--config", "{"], "not valid JSON"),
+        (
+            vec!["create", "x", "--handler", "list", "--config", "{"],
+            "not valid JSON",
+        ),
         (vec!["send", "s", "1", "abc"], "1 of 2 events rejected"),
     ] {
         let out = run(&daemon, &args, b"").await;
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{args:?}");
-        assert!(stderr.contains(needle) && stderr.trim().lines().count() == 1, "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(needle) && stderr.trim().lines().count() == 1,
+            "{args:?}: {stderr}"
+        );
         assert!(out.stdout.is_empty(), "{args:?}");
     }
-    assert!(daemon.terminate().await.success(), "graceful exit on SIGTERM");
+    assert!(
+        daemon.terminate().await.success(),
+        "graceful exit on SIGTERM"
+    );
 
     let out = tokio::process::Command::new(cli())
         .args(["--port", "1", "ping"])
@@ -145,11 +191,18 @@ async fn bad_databases_stop_the_start() {
     daemon.terminate().await;
 
     let junk = dir.path().join("junk.redb");
-    std::fs::write(&junk, b"this is not a database, just some text that is long enough".repeat(100)).expect("write");
+    std::fs::write(
+        &junk,
+        b"this is not a database, just some text that is long enough".repeat(100),
+    )
+    .expect("write");
     let corrupt = start(junk).await;
     let stderr = String::from_utf8_lossy(&corrupt.stderr);
     assert!(!corrupt.status.success());
-    assert!(stderr.contains("corrupt or not a bucketly database"), "{stderr}");
+    assert!(
+        stderr.contains("corrupt or not a bucketly database"),
+        "{stderr}"
+    );
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
 }
 
@@ -163,7 +216,11 @@ async fn legacy_flags_and_handler_directory() {
     let counter = "local H = {} function H.send() end function H.view() return 'mine' end function H.dump() return 'mine' end return H";
     std::fs::write(handlers.join("counter.lua"), counter).expect("write");
     let handlers = handlers.to_string_lossy().into_owned();
-    let daemon = Daemon::start(dir.path(), &["--hostname", "127.0.0.1", "--bucket_handlers", &handlers]).await;
+    let daemon = Daemon::start(
+        dir.path(),
+        &["--hostname", "127.0.0.1", "--bucket_handlers", &handlers],
+    )
+    .await;
     ok(&daemon, &["create", "c", "--handler", "counter"], b"").await;
     assert_eq!(ok_json(&daemon, &["view", "c"]).await, json!("mine"));
     ok(&daemon, &["create", "s", "--handler", "stats"], b"").await;

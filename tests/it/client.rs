@@ -108,18 +108,34 @@ async fn handler_errors_are_isolated() {
     let outcome = client.send("f", &["a", "crash", "b"]).await.expect("send");
     assert_eq!((outcome.accepted, outcome.rejected), (2, 1));
     assert_eq!(outcome.reasons[0].0, 1);
-    assert!(outcome.reasons[0].1.contains("cannot handle crash"), "{:?}", outcome.reasons);
+    assert!(
+        outcome.reasons[0].1.contains("cannot handle crash"),
+        "{:?}",
+        outcome.reasons
+    );
 
-    let err = client.view("f", Some(b"crash")).await.expect_err("view fails");
+    let err = client
+        .view("f", Some(b"crash"))
+        .await
+        .expect_err("view fails");
     assert_eq!(code(err), Some(ErrorCode::HandlerError));
-    let err = client.view("f", Some(b"fn")).await.expect_err("unconvertible");
-    assert!(err.to_string().contains("cannot be converted to JSON"), "{err}");
+    let err = client
+        .view("f", Some(b"fn"))
+        .await
+        .expect_err("unconvertible");
+    assert!(
+        err.to_string().contains("cannot be converted to JSON"),
+        "{err}"
+    );
 
     assert_eq!(client.view("f", None).await.expect("view"), json!(2));
     client.send("c", &["x"]).await.expect("other bucket");
     assert_eq!(client.view("c", Some(b"x")).await.expect("view"), json!(1));
     let info = client.info(Some("f")).await.expect("info");
-    assert_eq!((info["errors"].clone(), info["rejected"].clone()), (json!(2), json!(1)));
+    assert_eq!(
+        (info["errors"].clone(), info["rejected"].clone()),
+        (json!(2), json!(1))
+    );
     server.stop().await;
 }
 
@@ -130,11 +146,17 @@ async fn create_drop_list() {
     let server = TestServer::start().await;
     let client = server.client().await;
     client.create("b", "counter", None).await.expect("create");
-    let dup = client.create("b", "counter", None).await.expect_err("duplicate");
+    let dup = client
+        .create("b", "counter", None)
+        .await
+        .expect_err("duplicate");
     assert_eq!(code(dup), Some(ErrorCode::BucketExists));
     let missing = client.create("x", "nope", None).await.expect_err("handler");
     assert_eq!(code(missing), Some(ErrorCode::NoSuchHandler));
-    let bad = client.create("bad name", "counter", None).await.expect_err("name");
+    let bad = client
+        .create("bad name", "counter", None)
+        .await
+        .expect_err("name");
     assert_eq!(code(bad), Some(ErrorCode::InvalidArgument));
     let config = client
         .create("l", "list", Some(&json!({"max": "many"})))
@@ -165,8 +187,14 @@ async fn restart_keeps_buckets() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = TestServer::start_with(config_in(dir.path())).await;
     let client = server.client().await;
-    client.create("keep", "list", Some(&json!({"max": 2}))).await.expect("create");
-    client.create("gone", "counter", None).await.expect("create");
+    client
+        .create("keep", "list", Some(&json!({"max": 2})))
+        .await
+        .expect("create");
+    client
+        .create("gone", "counter", None)
+        .await
+        .expect("create");
     client.send("keep", &["a", "b", "c"]).await.expect("send");
     client.drop_bucket("gone").await.expect("drop");
     drop(client);
@@ -181,7 +209,10 @@ async fn restart_keeps_buckets() {
     assert_eq!(client.view("keep", None).await.expect("view"), json!([]));
     client.send("keep", &["1", "2", "3"]).await.expect("send");
     // The stored config (max 2) is in force again.
-    assert_eq!(client.view("keep", None).await.expect("view"), json!(["2", "3"]));
+    assert_eq!(
+        client.view("keep", None).await.expect("view"),
+        json!(["2", "3"])
+    );
     server.stop().await;
 }
 
@@ -200,10 +231,14 @@ async fn dumps_partition_the_events() {
     });
     let mut total = 0u64;
     while !send.is_finished() {
-        total += client.dump("c").await.expect("dump")["k"].as_u64().unwrap_or(0);
+        total += client.dump("c").await.expect("dump")["k"]
+            .as_u64()
+            .unwrap_or(0);
     }
     send.await.expect("sender");
-    total += client.dump("c").await.expect("dump")["k"].as_u64().unwrap_or(0);
+    total += client.dump("c").await.expect("dump")["k"]
+        .as_u64()
+        .unwrap_or(0);
     assert_eq!(total, 10_000);
     assert_eq!(client.view("c", None).await.expect("view"), json!({}));
     server.stop().await;
@@ -222,9 +257,17 @@ async fn bounded_mailbox_applies_back_pressure() {
     client.create("c", "counter", None).await.expect("create");
     let mut pending = Vec::new();
     for i in 0..500 {
-        pending.push(client.start_send("c", &[format!("k{}", i % 7)]).await.expect("queued"));
+        pending.push(
+            client
+                .start_send("c", &[format!("k{}", i % 7)])
+                .await
+                .expect("queued"),
+        );
         let info = client.info(Some("c")).await.expect("info");
-        assert!(info["queue_depth"].as_u64() <= info["queue_capacity"].as_u64(), "{info}");
+        assert!(
+            info["queue_depth"].as_u64() <= info["queue_capacity"].as_u64(),
+            "{info}"
+        );
     }
     for p in pending {
         Client::finish_send(p).await.expect("sent");
@@ -240,14 +283,20 @@ async fn info_reports_counters() {
     let server = TestServer::start().await;
     let client = server.client().await;
     client.create("u", "unique", None).await.expect("create");
-    client.send("u", &["k a", "k b", "nospace"]).await.expect("send");
+    client
+        .send("u", &["k a", "k b", "nospace"])
+        .await
+        .expect("send");
     let info = client.info(None).await.expect("info");
     assert_eq!(info["buckets"], 1);
     assert_eq!(info["events"], 2);
     assert_eq!(info["connections"]["current"], 1);
     assert_eq!(info["protocol"], 1);
     let b = client.info(Some("u")).await.expect("info");
-    assert_eq!((b["events"].clone(), b["rejected"].clone()), (json!(2), json!(1)));
+    assert_eq!(
+        (b["events"].clone(), b["rejected"].clone()),
+        (json!(2), json!(1))
+    );
     assert!(b["memory_bytes"].as_u64().expect("memory") > 0);
     let missing = client.info(Some("nope")).await.expect_err("missing");
     assert_eq!(code(missing), Some(ErrorCode::NoSuchBucket));

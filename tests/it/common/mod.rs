@@ -105,7 +105,10 @@ impl Daemon {
             .expect("spawn bucketlyd");
         let stdout = child.stdout.take().expect("stdout");
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).await.expect("listen line");
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .await
+            .expect("listen line");
         let addr = line
             .trim()
             .rsplit(' ')
@@ -118,7 +121,9 @@ impl Daemon {
     /// SIGTERM, then wait for the exit status.
     pub async fn terminate(mut self) -> std::process::ExitStatus {
         if let Some(pid) = self.child.id() {
-            let _ = std::process::Command::new("kill").arg(pid.to_string()).status();
+            let _ = std::process::Command::new("kill")
+                .arg(pid.to_string())
+                .status();
         }
         self.child.wait().await.expect("wait")
     }
