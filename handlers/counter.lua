@@ -9,25 +9,7 @@
 -- Memory:  one table entry per distinct key in the window; no cap of its own
 --          beyond the bucket's memory limit.
 
-local byte, sub = string.byte, string.sub
-
--- s without leading/trailing whitespace (the bytes %s matches). Returns s itself,
--- without copying, when there is none: the common case costs two byte reads.
-local function trim(s)
-  local i, j = 1, #s
-  while i <= j do
-    local b = byte(s, i)
-    if b ~= 32 and (b < 9 or b > 13) then break end
-    i = i + 1
-  end
-  while j > i do
-    local b = byte(s, j)
-    if b ~= 32 and (b < 9 or b > 13) then break end
-    j = j - 1
-  end
-  if i == 1 and j == #s then return s end
-  return sub(s, i, j)
-end
+local trim = bucketly.trim
 
 local H = {}
 

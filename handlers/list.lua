@@ -9,47 +9,11 @@
 -- Rejects: nothing.
 -- Memory:  at most max events; each send is O(1) (ring buffer).
 
-local byte, sub = string.byte, string.sub
+local trim, quote, describe = bucketly.trim, bucketly.quote, bucketly.describe
 local tointeger, move = math.tointeger, table.move
 
 local DEFAULT_MAX = 1000
 local MAX_MAX = 1000000
-
--- s without leading/trailing whitespace (the bytes %s matches). Returns s itself,
--- without copying, when there is none.
-local function trim(s)
-  local i, j = 1, #s
-  while i <= j do
-    local b = byte(s, i)
-    if b ~= 32 and (b < 9 or b > 13) then break end
-    i = i + 1
-  end
-  while j > i do
-    local b = byte(s, j)
-    if b ~= 32 and (b < 9 or b > 13) then break end
-    j = j - 1
-  end
-  if i == 1 and j == #s then return s end
-  return sub(s, i, j)
-end
-
--- s in double quotes for an error message, cut to at most 64 bytes (never
--- inside a UTF-8 sequence).
-local function quote(s)
-  if #s > 64 then
-    local n = 64
-    while n > 0 and (byte(s, n + 1) & 0xC0) == 0x80 do n = n - 1 end
-    s = sub(s, 1, n) .. "..."
-  end
-  return '"' .. s .. '"'
-end
-
--- A config value as written in JSON, for an error message.
-local function describe(v)
-  if type(v) == "string" then return ("%q"):format(v) end
-  if type(v) == "table" then return "an object or array" end
-  return tostring(v)
-end
 
 -- Ring buffer, emptied in place (the host keeps the same state table):
 --   buf[1..max]  slots; buf[head] holds the newest event (head == 0: none yet)

@@ -20,7 +20,7 @@
 -- sorted[ceil(p/100 * n)] over the samples: exact while the window has at most
 -- max_samples events, estimates from a uniform random sample beyond that.
 
-local byte, sub = string.byte, string.sub
+local trim, quote, describe = bucketly.trim, bucketly.quote, bucketly.describe
 local math_type, random, huge = math.type, math.random, math.huge
 local sort, tointeger = table.sort, math.tointeger
 
@@ -28,42 +28,6 @@ local DEFAULT_MAX_SAMPLES = 10000
 local MAX_MAX_SAMPLES = 1000000
 local PERCENTILES = { p50 = 50, p90 = 90, p99 = 99 }
 local FIELDS = { "count", "sum", "min", "max", "mean", "p50", "p90", "p99" }
-
--- s without leading/trailing whitespace (the bytes %s matches). Returns s itself,
--- without copying, when there is none: the common case costs two byte reads.
-local function trim(s)
-  local i, j = 1, #s
-  while i <= j do
-    local b = byte(s, i)
-    if b ~= 32 and (b < 9 or b > 13) then break end
-    i = i + 1
-  end
-  while j > i do
-    local b = byte(s, j)
-    if b ~= 32 and (b < 9 or b > 13) then break end
-    j = j - 1
-  end
-  if i == 1 and j == #s then return s end
-  return sub(s, i, j)
-end
-
--- s in double quotes for a rejection reason, cut to at most 64 bytes (never
--- inside a UTF-8 sequence).
-local function quote(s)
-  if #s > 64 then
-    local n = 64
-    while n > 0 and (byte(s, n + 1) & 0xC0) == 0x80 do n = n - 1 end
-    s = sub(s, 1, n) .. "..."
-  end
-  return '"' .. s .. '"'
-end
-
--- A config value as written in JSON, for an error message.
-local function describe(v)
-  if type(v) == "string" then return ("%q"):format(v) end
-  if type(v) == "table" then return "an object or array" end
-  return tostring(v)
-end
 
 -- Empties the window in place (the host keeps the same state table).
 --   count     events accepted in the window

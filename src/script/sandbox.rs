@@ -38,10 +38,18 @@ pub(crate) fn new_state(limits: &ScriptLimits) -> mlua::Result<Lua> {
     Ok(lua)
 }
 
-/// `bucketly.array(t)` and `bucketly.object(t)`: mark a table's JSON shape (so an empty
-/// list can still be `[]`). They set a metatable and return the table.
+/// Lua helpers (trim, split, quote, describe) shared by every handler; see the file.
+const PRELUDE: &str = include_str!("prelude.lua");
+
+/// The `bucketly` table: the prelude's helpers, plus `bucketly.array(t)` and
+/// `bucketly.object(t)`, which mark a table's JSON shape (so an empty list can still be
+/// `[]`) by setting a metatable, and return the table.
 fn helpers(lua: &Lua) -> mlua::Result<Table> {
-    let t = lua.create_table()?;
+    let t: Table = lua
+        .load(PRELUDE)
+        .set_name("=bucketly prelude")
+        .set_mode(mlua::chunk::ChunkMode::Text)
+        .eval()?;
     for kind in ["array", "object"] {
         let mt = lua.create_table()?;
         mt.raw_set(JSON_KIND_FIELD, kind)?;
