@@ -67,6 +67,7 @@ pub(crate) enum CloseReason {
     PeerClosed,
     Shutdown,
     Fatal(ErrorCode),
+    SlowConsumer,
     Io(std::io::Error),
 }
 
@@ -76,6 +77,10 @@ impl std::fmt::Display for CloseReason {
             CloseReason::PeerClosed => write!(f, "peer closed"),
             CloseReason::Shutdown => write!(f, "server shutdown"),
             CloseReason::Fatal(code) => write!(f, "protocol violation: {code}"),
+            CloseReason::SlowConsumer => write!(
+                f,
+                "peer stopped reading its answers (slow consumer) or the write failed"
+            ),
             CloseReason::Io(e) => write!(f, "i/o error: {e}"),
         }
     }
@@ -129,7 +134,8 @@ pub(crate) async fn serve(
     }
     let (rd, wr) = socket.into_split();
     let (tx, rx) = mpsc::channel(limits.max_in_flight);
-    let writer = tokio::spawn(write_loop(wr, rx));
+    // Aborted if this task is (after the shutdown grace), so the socket closes.
+    let mut writer = AbortOnDrop(tokio::spawn(write_loop(wr, rx)));
     let mut reader = Reader {
         rd,
         buf,
@@ -149,7 +155,7 @@ pub(crate) async fn serve(
     let Reader { mut rd, tx, .. } = reader;
     drop(tx);
     // The writer answers everything queued, then closes its half.
-    let _ = writer.await;
+    let _ = (&mut writer.0).await;
     if matches!(reason, CloseReason::Fatal(_) | CloseReason::Shutdown) {
         linger(&mut rd).await;
     }
@@ -168,6 +174,14 @@ pub(crate) async fn close_with(socket: TcpStream, last: Response) {
     {
         let _ = wr.shutdown().await;
         linger(&mut rd).await;
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -257,14 +271,14 @@ impl Reader {
                     }
                 }
             }
-            // The header (if buffered) was validated above, so growing to the announced
-            // frame size is within the limit.
+            // Grow towards the announced frame (validated above) no faster than bytes
+            // arrive: at most doubling, so a bare header cannot make us reserve max_frame.
             let wanted = match self.buf.first_chunk::<4>() {
                 Some(h) => (4 + u32::from_be_bytes(*h) as usize).saturating_sub(self.buf.len()),
                 None => 4,
             };
             self.buf
-                .reserve(wanted.clamp(READ_CHUNK, READ_CHUNK.max(wanted)));
+                .reserve(wanted.min(READ_CHUNK.max(self.buf.len())).max(1));
             tokio::select! {
                 read = self.rd.read_buf(&mut self.buf) => match read {
                     Ok(0) => return CloseReason::PeerClosed,
@@ -276,6 +290,8 @@ impl Reader {
                     self.answer(Response::error(0, ErrorCode::ShuttingDown, msg), None).await;
                     return CloseReason::Shutdown;
                 }
+                // The writer gave up (slow consumer or write error): stop reading too.
+                _ = self.tx.closed() => return CloseReason::SlowConsumer,
             }
         }
     }
@@ -379,15 +395,23 @@ enum Msg {
     Dump,
 }
 
-/// Writes all of `out` unless the peer stops reading for [`WRITE_TIMEOUT`].
+/// Writes all of `out` unless a write makes no progress for [`WRITE_TIMEOUT`]: a slow
+/// but steady reader gets everything, one that stopped reading is dropped.
 async fn flush(wr: &mut OwnedWriteHalf, out: &mut BytesMut) -> bool {
-    let ok = matches!(
-        tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(out)).await,
-        Ok(Ok(()))
-    );
+    let mut at = 0;
+    let mut ok = true;
+    while at < out.len() {
+        match tokio::time::timeout(WRITE_TIMEOUT, wr.write(&out[at..])).await {
+            Ok(Ok(n)) if n > 0 => at += n,
+            _ => {
+                ok = false;
+                break;
+            }
+        }
+    }
     if !ok {
         tracing::info!(
-            "closing connection: peer did not read its answers for {}s (slow consumer)",
+            "closing connection: no write progress for {}s (slow consumer) or write failed",
             WRITE_TIMEOUT.as_secs()
         );
     }

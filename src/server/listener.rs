@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
 
 use crate::config::{Config, SHUTDOWN_GRACE_SECS};
 use crate::engine::Engine;
@@ -22,13 +23,14 @@ pub(crate) async fn run(
 ) {
     let slots = Arc::new(Semaphore::new(config.max_connections));
     let (stop_tx, stop_rx) = watch::channel(false);
-    // Every connection task holds a clone; `recv` returns None once all have ended.
-    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    let mut connections = JoinSet::new();
     let limits = Limits::from(config);
     tokio::pin!(shutdown);
     loop {
         let (socket, peer) = tokio::select! {
             _ = &mut shutdown => break,
+            // Reap finished connection tasks so the set stays as large as the open ones.
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(e) => {
@@ -49,8 +51,8 @@ pub(crate) async fn run(
             tokio::spawn(refuse(socket, config.max_connections));
             continue;
         };
-        let (engine, stop_rx, done_tx) = (engine.clone(), stop_rx.clone(), done_tx.clone());
-        tokio::spawn(async move {
+        let (engine, stop_rx) = (engine.clone(), stop_rx.clone());
+        connections.spawn(async move {
             engine.stats.connections.fetch_add(1, Ordering::Relaxed);
             engine
                 .stats
@@ -59,16 +61,21 @@ pub(crate) async fn run(
             let reason = connection::serve(socket, engine.clone(), limits, stop_rx).await;
             tracing::debug!(%peer, "connection closed: {reason}");
             engine.stats.connections.fetch_sub(1, Ordering::Relaxed);
-            drop((slot, done_tx));
+            drop(slot);
         });
     }
     drop(listener);
     tracing::info!("shutting down: no new connections; draining open ones");
     let _ = stop_tx.send(true);
-    drop(done_tx);
     let grace = Duration::from_secs(SHUTDOWN_GRACE_SECS);
-    if tokio::time::timeout(grace, done_rx.recv()).await.is_err() {
-        tracing::warn!("connections still open after {SHUTDOWN_GRACE_SECS}s; closing them");
+    let drained = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(grace, drained).await.is_err() {
+        tracing::warn!(
+            "{} connections still open after {SHUTDOWN_GRACE_SECS}s; closing them",
+            connections.len()
+        );
+        connections.abort_all();
+        while connections.join_next().await.is_some() {}
     }
 }
 

@@ -3,5 +3,6 @@
 mod cli;
 mod client;
 mod common;
+mod raw_protocol;
 mod spec_vectors;
 mod stock_handlers;
