@@ -34,6 +34,34 @@ pub enum Error {
     /// A bug or an unexpected condition.
     #[error("internal error: {0}")]
     Internal(String),
+    /// A command other than PING or LOGIN before LOGIN.
+    #[error("log in first: send LOGIN with a user name and password")]
+    AuthRequired,
+    /// Wrong user name or password (deliberately not saying which).
+    #[error("invalid user name or password")]
+    LoginFailed,
+    /// Too many failed logins from this address or for this user.
+    #[error("too many failed logins; retry in {0} s")]
+    LoginThrottled(u64),
+    /// The session's user lacks a permission.
+    #[error("user {user:?} lacks permission {permission}{}", bucket.as_ref().map(|b| format!(" on bucket {b:?}")).unwrap_or_default())]
+    PermissionDenied {
+        /// Who asked.
+        user: String,
+        /// What was needed.
+        permission: crate::auth::Permission,
+        /// On which bucket, if any.
+        bucket: Option<String>,
+    },
+    /// No user of that name.
+    #[error("no user named {0:?}")]
+    NoSuchUser(String),
+    /// The user exists.
+    #[error("user {0:?} exists already")]
+    UserExists(String),
+    /// The change would leave no admin.
+    #[error("user {0:?} is the last admin: grant admin to another user first")]
+    LastAdmin(String),
 }
 
 impl Error {
@@ -50,6 +78,13 @@ impl Error {
             // Request-level: the connection may stay; the listener sends the FATAL one.
             Error::ShuttingDown => ErrorCode::Internal,
             Error::Internal(_) => ErrorCode::Internal,
+            Error::AuthRequired => ErrorCode::AuthRequired,
+            Error::LoginFailed => ErrorCode::LoginFailed,
+            Error::LoginThrottled(_) => ErrorCode::LoginThrottled,
+            Error::PermissionDenied { .. } => ErrorCode::PermissionDenied,
+            Error::NoSuchUser(_) => ErrorCode::NoSuchUser,
+            Error::UserExists(_) => ErrorCode::UserExists,
+            Error::LastAdmin(_) => ErrorCode::LastAdmin,
         }
     }
 }

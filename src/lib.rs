@@ -18,6 +18,7 @@
 //! - [`store`]: the redb database file.
 //! - [`client`]: the async Rust client used by the CLI and the tests.
 
+pub mod auth;
 pub mod client;
 pub mod config;
 pub mod engine;

@@ -25,6 +25,13 @@ struct Args {
     /// Server port.
     #[arg(long, env = "BUCKETLY_PORT", default_value_t = bucketly::config::DEFAULT_PORT, global = true)]
     port: u16,
+    /// User to log in as (before the command).
+    #[arg(long, env = "BUCKETLY_USER")]
+    user: Option<String>,
+    /// Password to log in with (before the command; prompted for when missing and stdin
+    /// is a terminal). After `user add` or `user passwd`, --password is the new password.
+    #[arg(long, env = "BUCKETLY_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -78,6 +85,58 @@ enum Cmd {
         /// Bucket name.
         bucket: Option<String>,
     },
+    /// The logged-in user and their grants.
+    Whoami,
+    /// Manage users (admin; `passwd` for yourself too).
+    #[command(subcommand)]
+    User(UserCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum UserCmd {
+    /// Create a user (without grants).
+    Add {
+        /// User name.
+        name: String,
+        /// Its password (prompted for when missing and stdin is a terminal).
+        #[arg(long = "password", id = "new_password")]
+        new_password: Option<String>,
+    },
+    /// Delete a user; its connections are closed.
+    Del {
+        /// User name.
+        name: String,
+    },
+    /// Change a password.
+    Passwd {
+        /// User name.
+        name: String,
+        /// The new password (prompted for when missing and stdin is a terminal).
+        #[arg(long = "password", id = "new_password")]
+        new_password: Option<String>,
+    },
+    /// List users and their grants.
+    List,
+    /// Allow PERMISSION (send, view, dump, subscribe, create, admin) on buckets matching PATTERN.
+    Grant {
+        /// User name.
+        name: String,
+        /// Permission.
+        permission: String,
+        /// Bucket-name glob.
+        #[arg(default_value = "*")]
+        pattern: String,
+    },
+    /// Remove a grant.
+    Revoke {
+        /// User name.
+        name: String,
+        /// Permission.
+        permission: String,
+        /// Bucket-name glob.
+        #[arg(default_value = "*")]
+        pattern: String,
+    },
 }
 
 /// SEND frames kept in flight while streaming stdin.
@@ -110,8 +169,17 @@ async fn run(args: Args) -> Result<(), String> {
     let client = Client::connect(addr)
         .await
         .map_err(|e| format!("cannot connect to {}:{}: {e}", args.host, args.port))?;
+    if !matches!(args.command, Cmd::Ping) {
+        let user = args.user.ok_or(
+            "log in with --user NAME (or BUCKETLY_USER) and --password (or BUCKETLY_PASSWORD)",
+        )?;
+        let password = secret(args.password, &format!("password for {user}: "))?;
+        client.login(&user, &password).await.map_err(text)?;
+    }
     let print = |v: serde_json::Value| println!("{v}");
     match args.command {
+        Cmd::Whoami => print(client.whoami().await.map_err(text)?),
+        Cmd::User(cmd) => user(&client, cmd).await?,
         Cmd::Ping => {
             client.ping().await.map_err(text)?;
             println!("PONG");
@@ -156,6 +224,46 @@ async fn run(args: Args) -> Result<(), String> {
         Cmd::Info { bucket } => print(client.info(bucket.as_deref()).await.map_err(text)?),
     }
     Ok(())
+}
+
+async fn user(client: &Client, cmd: UserCmd) -> Result<(), String> {
+    match cmd {
+        UserCmd::Add { name, new_password } => {
+            let password = secret(new_password, &format!("new password for {name}: "))?;
+            client.user_add(&name, &password).await
+        }
+        UserCmd::Del { name } => client.user_del(&name).await,
+        UserCmd::Passwd { name, new_password } => {
+            let password = secret(new_password, &format!("new password for {name}: "))?;
+            client.user_passwd(&name, &password).await
+        }
+        UserCmd::List => client.user_list().await.map(|v| println!("{v}")),
+        UserCmd::Grant {
+            name,
+            permission,
+            pattern,
+        } => client.user_grant(&name, &permission, &pattern).await,
+        UserCmd::Revoke {
+            name,
+            permission,
+            pattern,
+        } => client.user_revoke(&name, &permission, &pattern).await,
+    }
+    .map_err(text)
+}
+
+/// `given`, or a password read from the terminal without echo.
+fn secret(given: Option<String>, prompt: &str) -> Result<String, String> {
+    if let Some(p) = given {
+        return Ok(p);
+    }
+    if !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        return Err(
+            "no password given: use --password or BUCKETLY_PASSWORD (stdin is not a terminal)"
+                .into(),
+        );
+    }
+    rpassword::prompt_password(prompt).map_err(|e| format!("cannot read the password: {e}"))
 }
 
 fn text(e: ClientError) -> String {

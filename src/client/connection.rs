@@ -13,7 +13,6 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 
 use super::ClientError;
 use crate::protocol::frame::check_frame;
-use crate::protocol::handshake::FLAG_LOGIN_REQUIRED;
 use crate::protocol::{ClientHello, Response, ServerHello, Status, PROTOCOL_VERSION};
 
 /// Largest answer the client accepts (the server never sends more than a JSON view).
@@ -55,11 +54,6 @@ pub(super) async fn start(
             "server speaks protocol version {}, this client {PROTOCOL_VERSION}",
             hello.version
         )));
-    }
-    if hello.flags & FLAG_LOGIN_REQUIRED != 0 {
-        return Err(ClientError::Protocol(
-            "the server requires a login, which this client version does not support".into(),
-        ));
     }
     let (rd, wr) = socket.into_split();
     let (tx, rx) = mpsc::channel(256);

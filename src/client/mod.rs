@@ -5,6 +5,7 @@
 //! ```no_run
 //! # async fn demo() -> Result<(), bucketly::client::ClientError> {
 //! let client = bucketly::Client::connect("127.0.0.1:8484").await?;
+//! client.login("admin", "admin").await?;
 //! client.create("clicks", "counter", None).await?;
 //! client.send("clicks", &["/home", "/about", "/home"]).await?;
 //! println!("{}", client.view("clicks", None).await?);
@@ -23,7 +24,7 @@ use tokio::sync::{oneshot, Semaphore};
 
 pub use error::ClientError;
 
-use crate::protocol::{Command, Request, Response, SendBatch, SendOutcome, ServerHello};
+use crate::protocol::{Command, Request, Response, Secret, SendBatch, SendOutcome, ServerHello};
 use connection::Outgoing;
 
 /// Requests one client keeps in flight by default; more wait for an answer.
@@ -150,6 +151,114 @@ impl Client {
         let payload = self.call(command).await?;
         serde_json::from_slice(&payload)
             .map_err(|e| ClientError::Protocol(format!("reply is not JSON: {e}")))
+    }
+
+    /// LOGIN; every command but PING needs it. Returns the user and grants (WHOAMI).
+    ///
+    /// # Errors
+    /// LOGIN_FAILED, LOGIN_THROTTLED, or connection errors.
+    pub async fn login(
+        &self,
+        user: &str,
+        password: &str,
+    ) -> Result<serde_json::Value, ClientError> {
+        self.call_json(Command::Login {
+            user: user.into(),
+            password: Secret(password.into()),
+        })
+        .await
+    }
+
+    /// WHOAMI: the logged-in user and their grants.
+    ///
+    /// # Errors
+    /// AUTH_REQUIRED, or connection errors.
+    pub async fn whoami(&self) -> Result<serde_json::Value, ClientError> {
+        self.call_json(Command::Whoami).await
+    }
+
+    /// USER_ADD: a new user without grants (admin).
+    ///
+    /// # Errors
+    /// PERMISSION_DENIED, USER_EXISTS, INVALID_ARGUMENT, ...
+    pub async fn user_add(&self, user: &str, password: &str) -> Result<(), ClientError> {
+        let password = Secret(password.into());
+        self.call(Command::UserAdd {
+            user: user.into(),
+            password,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// USER_DEL: delete a user and close its connections (admin).
+    ///
+    /// # Errors
+    /// PERMISSION_DENIED, NO_SUCH_USER, LAST_ADMIN, ...
+    pub async fn user_del(&self, user: &str) -> Result<(), ClientError> {
+        self.call(Command::UserDel { user: user.into() })
+            .await
+            .map(|_| ())
+    }
+
+    /// USER_PASSWD: set a password (one's own, or anyone's as admin).
+    ///
+    /// # Errors
+    /// PERMISSION_DENIED, NO_SUCH_USER, INVALID_ARGUMENT, ...
+    pub async fn user_passwd(&self, user: &str, password: &str) -> Result<(), ClientError> {
+        let password = Secret(password.into());
+        self.call(Command::UserPasswd {
+            user: user.into(),
+            password,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// USER_LIST: users and their grants, never password hashes (admin).
+    ///
+    /// # Errors
+    /// PERMISSION_DENIED, ...
+    pub async fn user_list(&self) -> Result<serde_json::Value, ClientError> {
+        self.call_json(Command::UserList).await
+    }
+
+    /// USER_GRANT: give `user` a permission on buckets matching `pattern` (admin).
+    ///
+    /// # Errors
+    /// PERMISSION_DENIED, NO_SUCH_USER, INVALID_ARGUMENT, ...
+    pub async fn user_grant(
+        &self,
+        user: &str,
+        permission: &str,
+        pattern: &str,
+    ) -> Result<(), ClientError> {
+        self.call(Command::UserGrant {
+            user: user.into(),
+            permission: permission.into(),
+            pattern: pattern.into(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// USER_REVOKE: remove a grant (admin).
+    ///
+    /// # Errors
+    /// PERMISSION_DENIED, NO_SUCH_USER, LAST_ADMIN, INVALID_ARGUMENT, ...
+    pub async fn user_revoke(
+        &self,
+        user: &str,
+        permission: &str,
+        pattern: &str,
+    ) -> Result<(), ClientError> {
+        self.call(Command::UserRevoke {
+            user: user.into(),
+            permission: permission.into(),
+            pattern: pattern.into(),
+        })
+        .await
+        .map(|_| ())
     }
 
     /// PING.

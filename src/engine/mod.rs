@@ -66,11 +66,15 @@ impl Engine {
     ///
     /// # Errors
     /// If a thread cannot be spawned.
-    pub fn new(config: &Config, store: Store, catalog: HandlerCatalog) -> std::io::Result<Engine> {
+    pub fn new(
+        config: &Config,
+        store: Arc<Store>,
+        catalog: HandlerCatalog,
+    ) -> std::io::Result<Engine> {
         Ok(Engine {
             registry: RwLock::new(Registry::default()),
             workers: WorkerPool::start(config.worker_threads())?,
-            store: Arc::new(store),
+            store,
             catalog,
             limits: ScriptLimits {
                 memory: config.lua_memory,
@@ -86,13 +90,8 @@ impl Engine {
     /// that cannot start (its handler is gone or fails `init`) is skipped and reported;
     /// its record stays, so it comes back once the handler is fixed.
     pub async fn restore(&self) -> Vec<String> {
-        let stored = {
-            let store = self.store.clone();
-            tokio::task::spawn_blocking(move || store.buckets()).await
-        };
-        let stored = match stored {
-            Ok(Ok(stored)) => stored,
-            Ok(Err(e)) => return vec![format!("cannot read buckets: {e}")],
+        let stored = match self.store.blocking(|s| s.buckets()).await {
+            Ok(stored) => stored,
             Err(e) => return vec![format!("cannot read buckets: {e}")],
         };
         let mut problems = Vec::new();
@@ -190,15 +189,14 @@ impl Engine {
             shared,
         });
         if persist {
+            let (key, spec) = (name.clone(), handle.spec.clone());
             if let Err(e) = self
-                .blocking_store(
-                    |s, (n, spec)| s.put_bucket(n, spec),
-                    (name.clone(), handle.spec.clone()),
-                )
+                .store
+                .blocking(move |s| s.put_bucket(&key, &spec))
                 .await
             {
                 let _ = handle.post(BucketMsg::Stop).await;
-                return Err(e);
+                return Err(Error::Storage(e.to_string()));
             }
         }
         self.registry.write().buckets.insert(name, handle);
@@ -230,8 +228,11 @@ impl Engine {
     /// `NoSuchBucket` or `StorageError` (the bucket then stays).
     pub async fn drop_bucket(&self, name: &str) -> Result<(), Error> {
         let handle = self.bucket(name)?;
-        self.blocking_store(|s, n| s.delete_bucket(n), name.to_owned())
-            .await?;
+        let key = name.to_owned();
+        self.store
+            .blocking(move |s| s.delete_bucket(&key))
+            .await
+            .map_err(|e| Error::Storage(e.to_string()))?;
         let removed = {
             let mut reg = self.registry.write();
             match reg.buckets.get(name) {
@@ -245,25 +246,14 @@ impl Engine {
         handle.post(BucketMsg::Stop).await
     }
 
-    async fn blocking_store<A: Send + 'static>(
-        &self,
-        op: fn(&Store, &A) -> Result<(), crate::store::StoreError>,
-        arg: A,
-    ) -> Result<(), Error> {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || op(&store, &arg))
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))?
-            .map_err(|e| Error::Storage(e.to_string()))
-    }
-
-    /// LIST: every bucket as `{"name", "handler"}`, sorted by name.
-    pub fn list_json(&self) -> Vec<u8> {
+    /// LIST: every bucket `visible` accepts, as `{"name", "handler"}`, sorted by name.
+    pub fn list_json(&self, visible: impl Fn(&str) -> bool) -> Vec<u8> {
         let mut rows: Vec<_> = self
             .registry
             .read()
             .buckets
             .values()
+            .filter(|h| visible(&h.name))
             .map(|h| (h.name.clone(), h.spec.handler.clone()))
             .collect();
         rows.sort();
@@ -279,7 +269,7 @@ impl Engine {
     ///
     /// # Errors
     /// `NoSuchBucket`.
-    pub fn info_json(&self, bucket: Option<&str>) -> Result<Vec<u8>, Error> {
+    pub fn info(&self, bucket: Option<&str>) -> Result<serde_json::Value, Error> {
         let value = match bucket {
             Some(name) => bucket_info(&*self.bucket(name)?),
             None => {
@@ -302,7 +292,7 @@ impl Engine {
                 v
             }
         };
-        Ok(serde_json::to_vec(&value).unwrap_or_default())
+        Ok(value)
     }
 
     /// Stops the handler threads; requests still queued are dropped. Call after the
@@ -364,7 +354,8 @@ fn worker_for(name: &str, n: usize) -> usize {
     (h.finish() % n.max(1) as u64) as usize
 }
 
-fn now_ms() -> u64 {
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

@@ -22,18 +22,28 @@ pub enum ErrorCode {
     ShuttingDown,
     /// The handshake did not arrive in time.
     HandshakeTimeout,
+    /// The connection's user was deleted.
+    UserDeleted,
     /// The opcode is not known to this server.
     UnknownCommand,
     /// The payload does not match the command's layout.
     MalformedRequest,
     /// A well-formed request with an invalid value (bad name, bad JSON, ...).
     InvalidArgument,
-    /// Reserved for login: a command was sent before LOGIN.
+    /// A command other than PING or LOGIN was sent before LOGIN.
     AuthRequired,
-    /// Reserved for login: wrong user or password.
+    /// Wrong user name or password.
     LoginFailed,
-    /// Reserved for permissions: the user lacks a permission.
+    /// The user lacks a permission.
     PermissionDenied,
+    /// Too many failed logins from this address or for this user name.
+    LoginThrottled,
+    /// No user has that name.
+    NoSuchUser,
+    /// A user with that name exists already.
+    UserExists,
+    /// The change would leave no user with `admin`.
+    LastAdmin,
     /// No bucket has that name.
     NoSuchBucket,
     /// A bucket with that name exists already.
@@ -52,7 +62,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, in table order.
-    pub const ALL: [ErrorCode; 20] = [
+    pub const ALL: [ErrorCode; 25] = [
         ErrorCode::ProtocolError,
         ErrorCode::FrameTooLarge,
         ErrorCode::BadHandshake,
@@ -60,12 +70,17 @@ impl ErrorCode {
         ErrorCode::TooManyConnections,
         ErrorCode::ShuttingDown,
         ErrorCode::HandshakeTimeout,
+        ErrorCode::UserDeleted,
         ErrorCode::UnknownCommand,
         ErrorCode::MalformedRequest,
         ErrorCode::InvalidArgument,
         ErrorCode::AuthRequired,
         ErrorCode::LoginFailed,
         ErrorCode::PermissionDenied,
+        ErrorCode::LoginThrottled,
+        ErrorCode::NoSuchUser,
+        ErrorCode::UserExists,
+        ErrorCode::LastAdmin,
         ErrorCode::NoSuchBucket,
         ErrorCode::BucketExists,
         ErrorCode::NoSuchHandler,
@@ -85,12 +100,17 @@ impl ErrorCode {
             ErrorCode::TooManyConnections => 104,
             ErrorCode::ShuttingDown => 105,
             ErrorCode::HandshakeTimeout => 106,
+            ErrorCode::UserDeleted => 107,
             ErrorCode::UnknownCommand => 200,
             ErrorCode::MalformedRequest => 201,
             ErrorCode::InvalidArgument => 202,
             ErrorCode::AuthRequired => 300,
             ErrorCode::LoginFailed => 301,
             ErrorCode::PermissionDenied => 302,
+            ErrorCode::LoginThrottled => 303,
+            ErrorCode::NoSuchUser => 310,
+            ErrorCode::UserExists => 311,
+            ErrorCode::LastAdmin => 312,
             ErrorCode::NoSuchBucket => 400,
             ErrorCode::BucketExists => 401,
             ErrorCode::NoSuchHandler => 402,
@@ -116,12 +136,17 @@ impl ErrorCode {
             ErrorCode::TooManyConnections => "TOO_MANY_CONNECTIONS",
             ErrorCode::ShuttingDown => "SHUTTING_DOWN",
             ErrorCode::HandshakeTimeout => "HANDSHAKE_TIMEOUT",
+            ErrorCode::UserDeleted => "USER_DELETED",
             ErrorCode::UnknownCommand => "UNKNOWN_COMMAND",
             ErrorCode::MalformedRequest => "MALFORMED_REQUEST",
             ErrorCode::InvalidArgument => "INVALID_ARGUMENT",
             ErrorCode::AuthRequired => "AUTH_REQUIRED",
             ErrorCode::LoginFailed => "LOGIN_FAILED",
             ErrorCode::PermissionDenied => "PERMISSION_DENIED",
+            ErrorCode::LoginThrottled => "LOGIN_THROTTLED",
+            ErrorCode::NoSuchUser => "NO_SUCH_USER",
+            ErrorCode::UserExists => "USER_EXISTS",
+            ErrorCode::LastAdmin => "LAST_ADMIN",
             ErrorCode::NoSuchBucket => "NO_SUCH_BUCKET",
             ErrorCode::BucketExists => "BUCKET_EXISTS",
             ErrorCode::NoSuchHandler => "NO_SUCH_HANDLER",

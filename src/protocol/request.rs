@@ -10,6 +10,14 @@
 //! | 0x06 | VIEW    | bucket:str16 arg:opt(blob32)                             |
 //! | 0x07 | DUMP    | bucket:str16                                             |
 //! | 0x08 | INFO    | bucket:opt(str16)                                        |
+//! | 0x10 | LOGIN   | user:str16 password:str16                                |
+//! | 0x11 | WHOAMI  | (empty)                                                  |
+//! | 0x12 | USER_ADD | user:str16 password:str16                               |
+//! | 0x13 | USER_DEL | user:str16                                              |
+//! | 0x14 | USER_PASSWD | user:str16 password:str16                            |
+//! | 0x15 | USER_LIST | (empty)                                                |
+//! | 0x16 | USER_GRANT | user:str16 permission:str16 pattern:str16             |
+//! | 0x17 | USER_REVOKE | user:str16 permission:str16 pattern:str16            |
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -33,6 +41,39 @@ pub const OP_VIEW: u8 = 0x06;
 pub const OP_DUMP: u8 = 0x07;
 /// Opcode of INFO.
 pub const OP_INFO: u8 = 0x08;
+/// Opcode of LOGIN.
+pub const OP_LOGIN: u8 = 0x10;
+/// Opcode of WHOAMI.
+pub const OP_WHOAMI: u8 = 0x11;
+/// Opcode of USER_ADD.
+pub const OP_USER_ADD: u8 = 0x12;
+/// Opcode of USER_DEL.
+pub const OP_USER_DEL: u8 = 0x13;
+/// Opcode of USER_PASSWD.
+pub const OP_USER_PASSWD: u8 = 0x14;
+/// Opcode of USER_LIST.
+pub const OP_USER_LIST: u8 = 0x15;
+/// Opcode of USER_GRANT.
+pub const OP_USER_GRANT: u8 = 0x16;
+/// Opcode of USER_REVOKE.
+pub const OP_USER_REVOKE: u8 = 0x17;
+
+/// A password: compared and encoded like a string, but never shown by `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl Secret {
+    /// The password text.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
 
 /// Bytes before the payload: opcode and request id.
 pub const REQUEST_HEADER_LEN: usize = 5;
@@ -93,6 +134,54 @@ pub enum Command {
         /// Bucket name, or none for the server.
         bucket: Option<String>,
     },
+    /// Log in; required before any command but PING.
+    Login {
+        /// User name.
+        user: String,
+        /// Password.
+        password: Secret,
+    },
+    /// The session's user and grants.
+    Whoami,
+    /// Create a user (admin).
+    UserAdd {
+        /// User name.
+        user: String,
+        /// Initial password.
+        password: Secret,
+    },
+    /// Delete a user and close its connections (admin).
+    UserDel {
+        /// User name.
+        user: String,
+    },
+    /// Set a password (one's own, or anyone's as admin).
+    UserPasswd {
+        /// User name.
+        user: String,
+        /// New password.
+        password: Secret,
+    },
+    /// List users and grants (admin).
+    UserList,
+    /// Add a grant (admin).
+    UserGrant {
+        /// User name.
+        user: String,
+        /// Permission name.
+        permission: String,
+        /// Bucket-name glob.
+        pattern: String,
+    },
+    /// Remove a grant (admin).
+    UserRevoke {
+        /// User name.
+        user: String,
+        /// Permission name.
+        permission: String,
+        /// Bucket-name glob.
+        pattern: String,
+    },
 }
 
 impl Command {
@@ -107,6 +196,14 @@ impl Command {
             Command::View { .. } => OP_VIEW,
             Command::Dump { .. } => OP_DUMP,
             Command::Info { .. } => OP_INFO,
+            Command::Login { .. } => OP_LOGIN,
+            Command::Whoami => OP_WHOAMI,
+            Command::UserAdd { .. } => OP_USER_ADD,
+            Command::UserDel { .. } => OP_USER_DEL,
+            Command::UserPasswd { .. } => OP_USER_PASSWD,
+            Command::UserList => OP_USER_LIST,
+            Command::UserGrant { .. } => OP_USER_GRANT,
+            Command::UserRevoke { .. } => OP_USER_REVOKE,
         }
     }
 
@@ -121,6 +218,14 @@ impl Command {
             Command::View { .. } => "VIEW",
             Command::Dump { .. } => "DUMP",
             Command::Info { .. } => "INFO",
+            Command::Login { .. } => "LOGIN",
+            Command::Whoami => "WHOAMI",
+            Command::UserAdd { .. } => "USER_ADD",
+            Command::UserDel { .. } => "USER_DEL",
+            Command::UserPasswd { .. } => "USER_PASSWD",
+            Command::UserList => "USER_LIST",
+            Command::UserGrant { .. } => "USER_GRANT",
+            Command::UserRevoke { .. } => "USER_REVOKE",
         }
     }
 }
@@ -268,6 +373,41 @@ impl Request {
                 };
                 Command::Info { bucket }
             }
+            OP_LOGIN => Command::Login {
+                user: r.str16("user").map_err(malformed)?,
+                password: Secret(r.str16("password").map_err(malformed)?),
+            },
+            OP_WHOAMI => Command::Whoami,
+            OP_USER_ADD => Command::UserAdd {
+                user: r.str16("user").map_err(malformed)?,
+                password: Secret(r.str16("password").map_err(malformed)?),
+            },
+            OP_USER_DEL => Command::UserDel {
+                user: r.str16("user").map_err(malformed)?,
+            },
+            OP_USER_PASSWD => Command::UserPasswd {
+                user: r.str16("user").map_err(malformed)?,
+                password: Secret(r.str16("password").map_err(malformed)?),
+            },
+            OP_USER_LIST => Command::UserList,
+            OP_USER_GRANT | OP_USER_REVOKE => {
+                let user = r.str16("user").map_err(malformed)?;
+                let permission = r.str16("permission").map_err(malformed)?;
+                let pattern = r.str16("pattern").map_err(malformed)?;
+                if opcode == OP_USER_GRANT {
+                    Command::UserGrant {
+                        user,
+                        permission,
+                        pattern,
+                    }
+                } else {
+                    Command::UserRevoke {
+                        user,
+                        permission,
+                        pattern,
+                    }
+                }
+            }
             _ => {
                 return Err(RequestError {
                     id: Some(id),
@@ -299,7 +439,28 @@ impl Request {
                     put_blob32(b, options);
                 }
                 Command::Drop { bucket } | Command::Dump { bucket } => put_str16(b, bucket),
-                Command::List => {}
+                Command::List | Command::Whoami | Command::UserList => {}
+                Command::Login { user, password }
+                | Command::UserAdd { user, password }
+                | Command::UserPasswd { user, password } => {
+                    put_str16(b, user);
+                    put_str16(b, password.expose());
+                }
+                Command::UserDel { user } => put_str16(b, user),
+                Command::UserGrant {
+                    user,
+                    permission,
+                    pattern,
+                }
+                | Command::UserRevoke {
+                    user,
+                    permission,
+                    pattern,
+                } => {
+                    put_str16(b, user);
+                    put_str16(b, permission);
+                    put_str16(b, pattern);
+                }
                 Command::Send { bucket, batch } => {
                     put_str16(b, bucket);
                     b.put_u32(batch.count);
@@ -367,6 +528,42 @@ mod tests {
         round_trip(Command::Info {
             bucket: Some("b".into()),
         });
+        let secret = || Secret("pw".into());
+        round_trip(Command::Login {
+            user: "u".into(),
+            password: secret(),
+        });
+        round_trip(Command::Whoami);
+        round_trip(Command::UserAdd {
+            user: "u".into(),
+            password: secret(),
+        });
+        round_trip(Command::UserDel { user: "u".into() });
+        round_trip(Command::UserPasswd {
+            user: "u".into(),
+            password: secret(),
+        });
+        round_trip(Command::UserList);
+        let (user, permission, pattern) = ("u".to_string(), "send".to_string(), "a.*".to_string());
+        round_trip(Command::UserGrant {
+            user: user.clone(),
+            permission: permission.clone(),
+            pattern: pattern.clone(),
+        });
+        round_trip(Command::UserRevoke {
+            user,
+            permission,
+            pattern,
+        });
+    }
+
+    #[test]
+    fn passwords_never_appear_in_debug_output() {
+        let c = Command::Login {
+            user: "u".into(),
+            password: Secret("hunter2".into()),
+        };
+        assert!(!format!("{c:?}").contains("hunter2"));
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! reading the socket (back-pressure to the peer). Framing errors answer FATAL and close;
 //! request errors answer ERROR and the connection stays.
 
+use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,14 +22,13 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
+use super::dispatch::{Pending, Services};
+
+use crate::auth::Session;
 use crate::config::{Config, HANDSHAKE_TIMEOUT_SECS};
-use crate::engine::{BucketMsg, Engine};
-use crate::error::Error;
 use crate::protocol::frame::check_frame;
-use crate::protocol::handshake::{not_a_hello_message, MAX_HELLO_LEN};
-use crate::protocol::{
-    ClientHello, Command, ErrorCode, FrameError, Request, Response, ServerHello, Status,
-};
+use crate::protocol::handshake::{not_a_hello_message, FLAG_LOGIN_REQUIRED, MAX_HELLO_LEN};
+use crate::protocol::{ClientHello, ErrorCode, FrameError, Request, Response, ServerHello, Status};
 
 /// Per-connection limits, copied from the config.
 #[derive(Debug, Clone, Copy)]
@@ -86,15 +86,6 @@ impl std::fmt::Display for CloseReason {
     }
 }
 
-/// An answer owed to the client, in request order.
-enum Pending {
-    Ready(Response),
-    Waiting {
-        id: u32,
-        rx: oneshot::Receiver<Response>,
-    },
-}
-
 /// A pending answer and the share of the in-flight byte budget its request holds.
 struct Slot {
     pending: Pending,
@@ -103,10 +94,12 @@ struct Slot {
 
 pub(crate) async fn serve(
     mut socket: TcpStream,
-    engine: Arc<Engine>,
+    peer: IpAddr,
+    services: Services,
     limits: Limits,
     mut stop: watch::Receiver<bool>,
 ) -> CloseReason {
+    let engine = services.engine.clone();
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let handshake = tokio::time::timeout(
         Duration::from_secs(HANDSHAKE_TIMEOUT_SECS),
@@ -139,18 +132,16 @@ pub(crate) async fn serve(
     let mut reader = Reader {
         rd,
         buf,
-        engine,
+        services,
+        session: None,
+        peer,
         limits,
         tx,
         budget: Arc::new(Semaphore::new(limits.max_in_flight_bytes)),
     };
     let reason = reader.run(&mut stop).await;
     if let CloseReason::Fatal(_) = reason {
-        reader
-            .engine
-            .stats
-            .protocol_errors
-            .fetch_add(1, Ordering::Relaxed);
+        engine.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
     }
     let Reader { mut rd, tx, .. } = reader;
     drop(tx);
@@ -174,6 +165,14 @@ pub(crate) async fn close_with(socket: TcpStream, last: Response) {
     {
         let _ = wr.shutdown().await;
         linger(&mut rd).await;
+    }
+}
+
+/// Completes when the session's user is deleted; never without a session.
+async fn revoked(session: &mut Option<Session>) {
+    match session {
+        Some(s) => s.revoked().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -216,7 +215,7 @@ async fn handshake(
     ClientHello::decode(&frame[4..]).map_err(|(code, msg)| HandshakeError::Fatal(code, msg))?;
     Ok(ServerHello {
         version: crate::protocol::PROTOCOL_VERSION,
-        flags: 0,
+        flags: FLAG_LOGIN_REQUIRED,
         max_frame: limits.max_frame,
         server: format!("bucketlyd {}", env!("CARGO_PKG_VERSION")),
     })
@@ -241,7 +240,9 @@ async fn linger(rd: &mut (impl AsyncReadExt + Unpin)) {
 struct Reader {
     rd: OwnedReadHalf,
     buf: BytesMut,
-    engine: Arc<Engine>,
+    services: Services,
+    session: Option<Session>,
+    peer: IpAddr,
     limits: Limits,
     tx: mpsc::Sender<Slot>,
     budget: Arc<Semaphore>,
@@ -292,8 +293,17 @@ impl Reader {
                 }
                 // The writer gave up (slow consumer or write error): stop reading too.
                 _ = self.tx.closed() => return CloseReason::SlowConsumer,
+                _ = revoked(&mut self.session) => return self.user_deleted().await,
             }
         }
+    }
+
+    /// The session's user was deleted: a FATAL answer, then the connection closes.
+    async fn user_deleted(&self) -> CloseReason {
+        let msg = "this connection's user was deleted";
+        self.answer(Response::error(0, ErrorCode::UserDeleted, msg), None)
+            .await;
+        CloseReason::Fatal(ErrorCode::UserDeleted)
     }
 
     /// Queues an answer; false if the writer is gone (the socket failed).
@@ -307,7 +317,11 @@ impl Reader {
 
     /// Decodes one request body and routes it. Returns a reason to stop reading.
     async fn route(&mut self, body: Bytes) -> Option<CloseReason> {
-        self.engine.stats.requests.fetch_add(1, Ordering::Relaxed);
+        self.services
+            .engine
+            .stats
+            .requests
+            .fetch_add(1, Ordering::Relaxed);
         let cost = body.len().clamp(1, self.limits.max_in_flight_bytes) as u32;
         let budget = self.budget.clone().acquire_many_owned(cost).await.ok();
         let request = match Request::decode(body) {
@@ -327,9 +341,17 @@ impl Reader {
                 };
             }
         };
-        let pending = match self.dispatch(request).await {
+        if self.session.as_ref().is_some_and(Session::is_revoked) {
+            return Some(self.user_deleted().await);
+        }
+        let id = request.id;
+        let pending = match self
+            .services
+            .dispatch(&mut self.session, self.peer, request)
+            .await
+        {
             Ok(pending) => pending,
-            Err((id, e)) => Pending::Ready(Response::error(id, e.code(), &e.to_string())),
+            Err(e) => Pending::Ready(Response::error(id, e.code(), &e.to_string())),
         };
         let slot = Slot {
             pending,
@@ -340,59 +362,6 @@ impl Reader {
             Err(_) => Some(CloseReason::PeerClosed),
         }
     }
-
-    async fn dispatch(&self, request: Request) -> Result<Pending, (u32, Error)> {
-        let id = request.id;
-        let engine = &self.engine;
-        let fail = |e: Error| (id, e);
-        let ready = |payload: Vec<u8>| Ok(Pending::Ready(Response::ok(id, payload.into())));
-        let (bucket, msg_for) = match request.command {
-            Command::Ping(payload) => return Ok(Pending::Ready(Response::ok(id, payload))),
-            Command::List => return ready(engine.list_json()),
-            Command::Info { bucket } => {
-                return engine
-                    .info_json(bucket.as_deref())
-                    .map_err(fail)
-                    .and_then(ready)
-            }
-            // CREATE and DROP finish before the next request is read, so a pipelined
-            // SEND after CREATE finds the bucket.
-            Command::Create {
-                bucket,
-                handler,
-                config,
-                options,
-            } => {
-                engine
-                    .create(&bucket, &handler, &config, &options)
-                    .await
-                    .map_err(fail)?;
-                return Ok(Pending::Ready(Response::empty(id)));
-            }
-            Command::Drop { bucket } => {
-                engine.drop_bucket(&bucket).await.map_err(fail)?;
-                return Ok(Pending::Ready(Response::empty(id)));
-            }
-            Command::Send { bucket, batch } => (bucket, Msg::Send(batch)),
-            Command::View { bucket, arg } => (bucket, Msg::View(arg)),
-            Command::Dump { bucket } => (bucket, Msg::Dump),
-        };
-        let handle = engine.bucket(&bucket).map_err(fail)?;
-        let (reply, rx) = oneshot::channel();
-        let msg = match msg_for {
-            Msg::Send(batch) => BucketMsg::Send { id, batch, reply },
-            Msg::View(arg) => BucketMsg::View { id, arg, reply },
-            Msg::Dump => BucketMsg::Dump { id, reply },
-        };
-        handle.post(msg).await.map_err(fail)?;
-        Ok(Pending::Waiting { id, rx })
-    }
-}
-
-enum Msg {
-    Send(crate::protocol::SendBatch),
-    View(Option<Bytes>),
-    Dump,
 }
 
 /// Writes all of `out` unless a write makes no progress for [`WRITE_TIMEOUT`]: a slow

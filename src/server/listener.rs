@@ -10,14 +10,14 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::config::{Config, SHUTDOWN_GRACE_SECS};
-use crate::engine::Engine;
 use crate::protocol::{ErrorCode, Response};
 
 use super::connection::{self, Limits};
+use super::dispatch::Services;
 
 pub(crate) async fn run(
     listener: TcpListener,
-    engine: Arc<Engine>,
+    services: Services,
     config: &Config,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -25,6 +25,7 @@ pub(crate) async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut connections = JoinSet::new();
     let limits = Limits::from(config);
+    let engine = services.engine.clone();
     tokio::pin!(shutdown);
     loop {
         let (socket, peer) = tokio::select! {
@@ -51,14 +52,15 @@ pub(crate) async fn run(
             tokio::spawn(refuse(socket, config.max_connections));
             continue;
         };
-        let (engine, stop_rx) = (engine.clone(), stop_rx.clone());
+        let (services, stop_rx) = (services.clone(), stop_rx.clone());
         connections.spawn(async move {
+            let engine = services.engine.clone();
             engine.stats.connections.fetch_add(1, Ordering::Relaxed);
             engine
                 .stats
                 .connections_total
                 .fetch_add(1, Ordering::Relaxed);
-            let reason = connection::serve(socket, engine.clone(), limits, stop_rx).await;
+            let reason = connection::serve(socket, peer.ip(), services, limits, stop_rx).await;
             tracing::debug!(%peer, "connection closed: {reason}");
             engine.stats.connections.fetch_sub(1, Ordering::Relaxed);
             drop(slot);

@@ -2,6 +2,7 @@
 //! connections and shuts down gracefully.
 
 mod connection;
+mod dispatch;
 mod listener;
 
 use std::future::Future;
@@ -10,10 +11,12 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
+use crate::auth::{Auth, BOOTSTRAP_PASSWORD, BOOTSTRAP_USER};
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::script::HandlerCatalog;
 use crate::store::{Store, StoreError};
+use dispatch::Services;
 
 /// Why the daemon could not start. Each renders as one line for the operator.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +25,9 @@ pub enum StartError {
     /// The database file could not be opened.
     #[error("{0}")]
     Store(#[from] StoreError),
+    /// The users in the database could not be loaded.
+    #[error("cannot load users: {0}")]
+    Users(crate::error::Error),
     /// The handlers directory could not be read.
     #[error("cannot read handlers directory {dir}: {source}")]
     Handlers {
@@ -46,7 +52,7 @@ pub enum StartError {
 /// A bound, ready daemon. [`Server::run`] serves until the shutdown future completes.
 pub struct Server {
     listener: TcpListener,
-    engine: Arc<Engine>,
+    services: Services,
     config: Config,
 }
 
@@ -60,6 +66,18 @@ impl Server {
         let store = tokio::task::spawn_blocking(move || Store::open(&path))
             .await
             .map_err(|e| StartError::Runtime(std::io::Error::other(e)))??;
+        let store = Arc::new(store);
+        let users = store.clone();
+        let auth = tokio::task::spawn_blocking(move || Auth::load(users))
+            .await
+            .map_err(|e| StartError::Runtime(std::io::Error::other(e)))?
+            .map_err(StartError::Users)?;
+        if auth.default_admin_password() {
+            tracing::warn!(
+                "user {BOOTSTRAP_USER:?} still has the default password {BOOTSTRAP_PASSWORD:?}: \
+                 change it now with `bucketly user passwd {BOOTSTRAP_USER}`"
+            );
+        }
         let catalog = load_catalog(&config)?;
         let engine = Engine::new(&config, store, catalog).map_err(StartError::Runtime)?;
         let engine = Arc::new(engine);
@@ -75,7 +93,10 @@ impl Server {
                 })?;
         Ok(Server {
             listener,
-            engine,
+            services: Services {
+                engine,
+                auth: Arc::new(auth),
+            },
             config,
         })
     }
@@ -90,14 +111,14 @@ impl Server {
 
     /// The engine, for in-process inspection.
     pub fn engine(&self) -> &Arc<Engine> {
-        &self.engine
+        &self.services.engine
     }
 
     /// Serves until `shutdown` completes, then stops accepting, lets every connection
     /// answer what it has read, closes them and stops the handler threads.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        listener::run(self.listener, self.engine.clone(), &self.config, shutdown).await;
-        let engine = self.engine;
+        let engine = self.services.engine.clone();
+        listener::run(self.listener, self.services, &self.config, shutdown).await;
         let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
     }
 }

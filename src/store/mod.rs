@@ -4,6 +4,8 @@
 //! Tables:
 //! - `meta`: `schema_version` → u64. A file written by a newer schema is refused.
 //! - `buckets`: bucket name → [`BucketSpec`] as JSON.
+//! - `users`: user name → [`crate::auth::UserRecord`] as JSON (password as an argon2id
+//!   PHC string, never in clear).
 //!
 //! redb calls block (a commit waits for fsync), so async callers go through
 //! `spawn_blocking`.
@@ -15,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const BUCKETS: TableDefinition<&str, &[u8]> = TableDefinition::new("buckets");
+const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
 const SCHEMA_VERSION: u64 = 1;
 
 /// A storage failure, with a message fit for one log line.
@@ -119,8 +122,24 @@ impl Store {
                 }
             }
             tx.open_table(BUCKETS).map_err(io)?;
+            tx.open_table(USERS).map_err(io)?;
         }
         tx.commit().map_err(io)
+    }
+
+    /// Runs `f` on a blocking thread: redb calls block (a commit waits for fsync), so
+    /// async code goes through here.
+    ///
+    /// # Errors
+    /// What `f` returns, or [`StoreError::Io`] if the blocking task fails.
+    pub async fn blocking<T: Send + 'static>(
+        self: &std::sync::Arc<Self>,
+        f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| StoreError::Io(e.to_string()))?
     }
 
     /// Stores (or replaces) a bucket's spec; returns once it is on disk.
@@ -128,13 +147,7 @@ impl Store {
     /// # Errors
     /// [`StoreError::Io`].
     pub fn put_bucket(&self, name: &str, spec: &BucketSpec) -> Result<(), StoreError> {
-        let value = serde_json::to_vec(spec).map_err(io)?;
-        let tx = self.db.begin_write().map_err(io)?;
-        tx.open_table(BUCKETS)
-            .map_err(io)?
-            .insert(name, value.as_slice())
-            .map_err(io)?;
-        tx.commit().map_err(io)
+        self.put_json(BUCKETS, name, spec)
     }
 
     /// Removes a bucket's spec; returns once that is on disk.
@@ -142,12 +155,7 @@ impl Store {
     /// # Errors
     /// [`StoreError::Io`].
     pub fn delete_bucket(&self, name: &str) -> Result<(), StoreError> {
-        let tx = self.db.begin_write().map_err(io)?;
-        tx.open_table(BUCKETS)
-            .map_err(io)?
-            .remove(name)
-            .map_err(io)?;
-        tx.commit().map_err(io)
+        self.delete(BUCKETS, name)
     }
 
     /// Every stored bucket, by name. A record that does not parse is reported as an
@@ -156,17 +164,69 @@ impl Store {
     /// # Errors
     /// [`StoreError::Io`] if the table cannot be read.
     pub fn buckets(&self) -> Result<Vec<StoredBucket>, StoreError> {
+        self.all_json(BUCKETS)
+    }
+
+    /// Stores (or replaces) a user; returns once it is on disk.
+    ///
+    /// # Errors
+    /// [`StoreError::Io`].
+    pub fn put_user(&self, name: &str, user: &crate::auth::UserRecord) -> Result<(), StoreError> {
+        self.put_json(USERS, name, user)
+    }
+
+    /// Removes a user; returns once that is on disk.
+    ///
+    /// # Errors
+    /// [`StoreError::Io`].
+    pub fn delete_user(&self, name: &str) -> Result<(), StoreError> {
+        self.delete(USERS, name)
+    }
+
+    /// Every stored user, by name, each parsed or with the reason it does not parse.
+    ///
+    /// # Errors
+    /// [`StoreError::Io`] if the table cannot be read.
+    pub fn users(
+        &self,
+    ) -> Result<Vec<(String, Result<crate::auth::UserRecord, String>)>, StoreError> {
+        self.all_json(USERS)
+    }
+
+    fn put_json<T: Serialize>(&self, table: Table, key: &str, value: &T) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(value).map_err(io)?;
+        let tx = self.db.begin_write().map_err(io)?;
+        tx.open_table(table)
+            .map_err(io)?
+            .insert(key, value.as_slice())
+            .map_err(io)?;
+        tx.commit().map_err(io)
+    }
+
+    fn delete(&self, table: Table, key: &str) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(io)?;
+        tx.open_table(table).map_err(io)?.remove(key).map_err(io)?;
+        tx.commit().map_err(io)
+    }
+
+    fn all_json<T: for<'de> Deserialize<'de>>(
+        &self,
+        table: Table,
+    ) -> Result<Vec<(String, Result<T, String>)>, StoreError> {
         let tx = self.db.begin_read().map_err(io)?;
-        let table = tx.open_table(BUCKETS).map_err(io)?;
+        let table = tx.open_table(table).map_err(io)?;
         let mut out = Vec::new();
         for row in table.iter().map_err(io)? {
             let (k, v) = row.map_err(io)?;
-            let spec = serde_json::from_slice(v.value()).map_err(|e| e.to_string());
-            out.push((k.value().to_owned(), spec));
+            let value = serde_json::from_slice(v.value()).map_err(|e| e.to_string());
+            out.push((k.value().to_owned(), value));
         }
         Ok(out)
     }
 }
+
+/// A table of JSON records keyed by name.
+type Table = TableDefinition<'static, &'static str, &'static [u8]>;
 
 #[cfg(test)]
 mod tests {

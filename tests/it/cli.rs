@@ -17,6 +17,8 @@ async fn run(daemon: &Daemon, args: &[&str], stdin: &[u8]) -> Output {
 async fn run_owned(port: u16, args: Vec<String>, stdin: Vec<u8>) -> Output {
     let mut child = tokio::process::Command::new(cli())
         .args(["--port", &port.to_string()])
+        .env("BUCKETLY_USER", crate::common::ADMIN)
+        .env("BUCKETLY_PASSWORD", crate::common::ADMIN_PASSWORD)
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

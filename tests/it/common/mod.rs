@@ -16,6 +16,11 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
+/// The user every fresh database starts with.
+pub const ADMIN: &str = "admin";
+/// Its password.
+pub const ADMIN_PASSWORD: &str = "admin";
+
 /// A config for a daemon whose files live in `dir`, listening on a free loopback port.
 pub fn config_in(dir: &Path) -> Config {
     Config {
@@ -61,15 +66,23 @@ impl TestServer {
         }
     }
 
-    /// A new client connection.
+    /// A new client connection, logged in as the bootstrap admin.
     pub async fn client(&self) -> Client {
-        Client::connect(self.addr).await.expect("client connects")
+        self.client_as(ADMIN, ADMIN_PASSWORD).await
     }
 
-    /// A new raw connection that has completed the handshake.
+    /// A new client connection logged in as `user`.
+    pub async fn client_as(&self, user: &str, password: &str) -> Client {
+        let client = Client::connect(self.addr).await.expect("client connects");
+        client.login(user, password).await.expect("login");
+        client
+    }
+
+    /// A new raw connection that has completed the handshake and logged in as admin.
     pub async fn raw(&self) -> RawConn {
         let mut c = RawConn::connect(self.addr).await;
         c.handshake().await;
+        c.login(ADMIN, ADMIN_PASSWORD).await;
         c
     }
 
@@ -157,6 +170,27 @@ impl RawConn {
         self.write(&out).await;
         let r = self.read().await.expect("hello answer");
         assert_eq!(r.status, bucketly::protocol::Status::Ok, "{r:?}");
+    }
+
+    /// Sends LOGIN (request id 0) and checks the OK answer.
+    pub async fn login(&mut self, user: &str, password: &str) {
+        let mut out = BytesMut::new();
+        bucketly::protocol::Request {
+            id: 0,
+            command: bucketly::protocol::Command::Login {
+                user: user.into(),
+                password: bucketly::protocol::Secret(password.into()),
+            },
+        }
+        .encode(&mut out);
+        self.write(&out).await;
+        let r = self.read().await.expect("login answer");
+        assert_eq!(
+            r.status,
+            bucketly::protocol::Status::Ok,
+            "{:?}",
+            r.failure()
+        );
     }
 
     /// Writes raw bytes.
