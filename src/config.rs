@@ -63,6 +63,17 @@ pub struct Config {
     pub lua_memory: usize,
     /// Handler threads; 0 means one per available core.
     pub workers: usize,
+    /// Serve TLS with this certificate chain and key (PEM files) instead of plain TCP.
+    pub tls: Option<TlsFiles>,
+}
+
+/// A server certificate chain and its private key, as PEM files.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// Certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// The leaf's private key.
+    pub key: PathBuf,
 }
 
 impl Default for Config {
@@ -80,6 +91,7 @@ impl Default for Config {
             max_buckets: DEFAULT_MAX_BUCKETS,
             lua_memory: DEFAULT_LUA_MEMORY,
             workers: 0,
+            tls: None,
         }
     }
 }

@@ -27,6 +27,7 @@ pub mod protocol;
 pub mod script;
 pub mod server;
 pub mod store;
+pub mod tls;
 
 pub use client::Client;
 pub use config::Config;

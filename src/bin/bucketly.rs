@@ -25,6 +25,12 @@ struct Args {
     /// Server port.
     #[arg(long, env = "BUCKETLY_PORT", default_value_t = bucketly::config::DEFAULT_PORT, global = true)]
     port: u16,
+    /// Connect over TLS.
+    #[arg(long, env = "BUCKETLY_TLS")]
+    tls: bool,
+    /// CA certificate (PEM) to verify the server with; implies --tls. Default: system roots.
+    #[arg(long, env = "BUCKETLY_CA", value_name = "FILE")]
+    ca: Option<std::path::PathBuf>,
     /// User to log in as (before the command).
     #[arg(long, env = "BUCKETLY_USER")]
     user: Option<String>,
@@ -165,10 +171,13 @@ fn fail(msg: &str) -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), String> {
-    let addr = (args.host.as_str(), args.port);
-    let client = Client::connect(addr)
-        .await
-        .map_err(|e| format!("cannot connect to {}:{}: {e}", args.host, args.port))?;
+    let connected = if args.tls || args.ca.is_some() {
+        Client::connect_tls(&args.host, args.port, args.ca.as_deref()).await
+    } else {
+        Client::connect((args.host.as_str(), args.port)).await
+    };
+    let client =
+        connected.map_err(|e| format!("cannot connect to {}:{}: {e}", args.host, args.port))?;
     if !matches!(args.command, Cmd::Ping) {
         let user = args.user.ok_or(
             "log in with --user NAME (or BUCKETLY_USER) and --password (or BUCKETLY_PASSWORD)",

@@ -37,6 +37,12 @@ struct Args {
     /// Handler threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     workers: usize,
+    /// Serve TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM); needs --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -56,6 +62,10 @@ fn main() -> ExitCode {
         max_connections: args.max_connections,
         max_buckets: args.max_buckets,
         workers: args.workers,
+        tls: match (args.tls_cert, args.tls_key) {
+            (Some(cert), Some(key)) => Some(config::TlsFiles { cert, key }),
+            _ => None,
+        },
         ..Config::default()
     };
     if let Some(dir) = args.handlers {

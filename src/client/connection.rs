@@ -6,9 +6,8 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
+use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 
 use super::ClientError;
@@ -32,8 +31,8 @@ pub(super) struct Outgoing {
 type Waiting = Arc<Mutex<VecDeque<Outgoing>>>;
 
 /// Handshakes, then spawns the reader and writer tasks.
-pub(super) async fn start(
-    mut socket: TcpStream,
+pub(super) async fn start<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    mut socket: S,
 ) -> Result<(ServerHello, mpsc::Sender<Outgoing>), ClientError> {
     let mut out = BytesMut::new();
     ClientHello::v1().encode(&mut out);
@@ -55,7 +54,7 @@ pub(super) async fn start(
             hello.version
         )));
     }
-    let (rd, wr) = socket.into_split();
+    let (rd, wr) = tokio::io::split(socket);
     let (tx, rx) = mpsc::channel(256);
     let waiting: Waiting = Default::default();
     tokio::spawn(write_loop(wr, rx, waiting.clone()));
@@ -85,7 +84,11 @@ async fn read_response(
     }
 }
 
-async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Outgoing>, waiting: Waiting) {
+async fn write_loop<W: AsyncWrite>(
+    mut wr: WriteHalf<W>,
+    mut rx: mpsc::Receiver<Outgoing>,
+    waiting: Waiting,
+) {
     let mut out = BytesMut::with_capacity(WRITE_CHUNK);
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
@@ -105,7 +108,7 @@ async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Outgoing>, wa
     let _ = wr.shutdown().await;
 }
 
-async fn read_loop(mut rd: OwnedReadHalf, mut buf: BytesMut, waiting: Waiting) {
+async fn read_loop<R: AsyncRead>(mut rd: ReadHalf<R>, mut buf: BytesMut, waiting: Waiting) {
     let failure = loop {
         let response = match read_response(&mut rd, &mut buf).await {
             Ok(Some(r)) => r,

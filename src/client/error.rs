@@ -29,6 +29,9 @@ pub enum ClientError {
     /// The server sent something that is not bucketly v1.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// TLS could not be set up.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The connection is closed.
     #[error("connection closed")]
     Closed,

@@ -85,14 +85,49 @@ impl Client {
         let socket = TcpStream::connect(addr).await?;
         let _ = socket.set_nodelay(true);
         let (hello, tx) = connection::start(socket).await?;
-        Ok(Client {
+        Ok(Client::from_parts(hello, tx, max_in_flight))
+    }
+
+    /// Connects over TLS to `host:port`, verifying the server's certificate against the
+    /// CA certificates in `ca` (PEM), or the system's roots when `ca` is None. `host`
+    /// must be a name or address the certificate is issued for.
+    ///
+    /// # Errors
+    /// [`ClientError::Tls`] for configuration or handshake failures, otherwise as
+    /// [`Client::connect`].
+    pub async fn connect_tls(
+        host: &str,
+        port: u16,
+        ca: Option<&std::path::Path>,
+    ) -> Result<Client, ClientError> {
+        let config = crate::tls::client_config(ca).map_err(ClientError::Tls)?;
+        let name = rustls_pki_types::ServerName::try_from(host.to_owned())
+            .map_err(|e| ClientError::Tls(format!("{host:?} is not a valid server name: {e}")))?;
+        let socket = TcpStream::connect((host, port)).await?;
+        let _ = socket.set_nodelay(true);
+        let stream = tokio_rustls::TlsConnector::from(config)
+            .connect(name, socket)
+            .await
+            .map_err(|e| {
+                ClientError::Tls(format!("TLS handshake with {host}:{port} failed: {e}"))
+            })?;
+        let (hello, tx) = connection::start(stream).await?;
+        Ok(Client::from_parts(hello, tx, DEFAULT_CLIENT_IN_FLIGHT))
+    }
+
+    fn from_parts(
+        hello: ServerHello,
+        tx: tokio::sync::mpsc::Sender<Outgoing>,
+        max_in_flight: usize,
+    ) -> Client {
+        Client {
             inner: Arc::new(Inner {
                 tx,
                 next_id: AtomicU32::new(1),
                 hello,
                 in_flight: Arc::new(Semaphore::new(max_in_flight.max(1))),
             }),
-        })
+        }
     }
 
     /// What the server said in the handshake.

@@ -17,9 +17,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
 use super::dispatch::{Pending, Services};
@@ -68,6 +67,7 @@ pub(crate) enum CloseReason {
     Shutdown,
     Fatal(ErrorCode),
     SlowConsumer,
+    Tls(String),
     Io(std::io::Error),
 }
 
@@ -81,6 +81,7 @@ impl std::fmt::Display for CloseReason {
                 f,
                 "peer stopped reading its answers (slow consumer) or the write failed"
             ),
+            CloseReason::Tls(e) => write!(f, "TLS handshake failed: {e}"),
             CloseReason::Io(e) => write!(f, "i/o error: {e}"),
         }
     }
@@ -92,8 +93,12 @@ struct Slot {
     _budget: Option<OwnedSemaphorePermit>,
 }
 
-pub(crate) async fn serve(
-    mut socket: TcpStream,
+/// A connection's byte stream: TCP, or TLS over TCP.
+pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for S {}
+
+pub(crate) async fn serve<S: Stream>(
+    mut socket: S,
     peer: IpAddr,
     services: Services,
     limits: Limits,
@@ -125,7 +130,7 @@ pub(crate) async fn serve(
     if let Err(e) = socket.write_all(&out).await {
         return CloseReason::Io(e);
     }
-    let (rd, wr) = socket.into_split();
+    let (rd, wr) = tokio::io::split(socket);
     let (tx, rx) = mpsc::channel(limits.max_in_flight);
     // Aborted if this task is (after the shutdown grace), so the socket closes.
     let mut writer = AbortOnDrop(tokio::spawn(write_loop(wr, rx)));
@@ -155,10 +160,10 @@ pub(crate) async fn serve(
 
 /// Sends one last (FATAL) answer on a socket that has no writer task, then closes it
 /// without resetting: used for handshake failures and refused connections.
-pub(crate) async fn close_with(socket: TcpStream, last: Response) {
+pub(crate) async fn close_with<S: Stream>(socket: S, last: Response) {
     let mut out = BytesMut::new();
     last.encode(&mut out);
-    let (mut rd, mut wr) = socket.into_split();
+    let (mut rd, mut wr) = tokio::io::split(socket);
     if tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&out))
         .await
         .is_ok()
@@ -189,8 +194,8 @@ enum HandshakeError {
     Io(CloseReason),
 }
 
-async fn handshake(
-    socket: &mut TcpStream,
+async fn handshake<S: Stream>(
+    socket: &mut S,
     buf: &mut BytesMut,
     limits: Limits,
 ) -> Result<ServerHello, HandshakeError> {
@@ -237,8 +242,8 @@ async fn linger(rd: &mut (impl AsyncReadExt + Unpin)) {
     .await;
 }
 
-struct Reader {
-    rd: OwnedReadHalf,
+struct Reader<S> {
+    rd: ReadHalf<S>,
     buf: BytesMut,
     services: Services,
     session: Option<Session>,
@@ -248,7 +253,7 @@ struct Reader {
     budget: Arc<Semaphore>,
 }
 
-impl Reader {
+impl<S: Stream> Reader<S> {
     async fn run(&mut self, stop: &mut watch::Receiver<bool>) -> CloseReason {
         loop {
             // Route every complete frame already buffered before reading again.
@@ -366,7 +371,7 @@ impl Reader {
 
 /// Writes all of `out` unless a write makes no progress for [`WRITE_TIMEOUT`]: a slow
 /// but steady reader gets everything, one that stopped reading is dropped.
-async fn flush(wr: &mut OwnedWriteHalf, out: &mut BytesMut) -> bool {
+async fn flush<W: AsyncWrite + Unpin>(wr: &mut W, out: &mut BytesMut) -> bool {
     let mut at = 0;
     let mut ok = true;
     while at < out.len() {
@@ -390,7 +395,7 @@ async fn flush(wr: &mut OwnedWriteHalf, out: &mut BytesMut) -> bool {
 
 /// Writes answers in request order. Answers that are ready are coalesced into one
 /// write; before waiting on a slow one, whatever is buffered is flushed.
-async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Slot>) {
+async fn write_loop<S: Stream>(mut wr: WriteHalf<S>, mut rx: mpsc::Receiver<Slot>) {
     let mut out = BytesMut::with_capacity(WRITE_CHUNK);
     'outer: while let Some(mut slot) = rx.recv().await {
         loop {

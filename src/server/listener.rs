@@ -8,15 +8,17 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 
-use crate::config::{Config, SHUTDOWN_GRACE_SECS};
+use crate::config::{Config, HANDSHAKE_TIMEOUT_SECS, SHUTDOWN_GRACE_SECS};
 use crate::protocol::{ErrorCode, Response};
 
-use super::connection::{self, Limits};
+use super::connection::{self, CloseReason, Limits};
 use super::dispatch::Services;
 
 pub(crate) async fn run(
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     services: Services,
     config: &Config,
     shutdown: impl Future<Output = ()>,
@@ -49,10 +51,10 @@ pub(crate) async fn run(
                 .connections_refused
                 .fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%peer, "refusing connection: at the limit of {} connections", config.max_connections);
-            tokio::spawn(refuse(socket, config.max_connections));
+            tokio::spawn(refuse(socket, tls.clone(), config.max_connections));
             continue;
         };
-        let (services, stop_rx) = (services.clone(), stop_rx.clone());
+        let (services, stop_rx, tls) = (services.clone(), stop_rx.clone(), tls.clone());
         connections.spawn(async move {
             let engine = services.engine.clone();
             engine.stats.connections.fetch_add(1, Ordering::Relaxed);
@@ -60,7 +62,15 @@ pub(crate) async fn run(
                 .stats
                 .connections_total
                 .fetch_add(1, Ordering::Relaxed);
-            let reason = connection::serve(socket, peer.ip(), services, limits, stop_rx).await;
+            let reason = match tls {
+                None => connection::serve(socket, peer.ip(), services, limits, stop_rx).await,
+                Some(tls) => match tls_accept(&tls, socket).await {
+                    Ok(stream) => {
+                        connection::serve(stream, peer.ip(), services, limits, stop_rx).await
+                    }
+                    Err(e) => CloseReason::Tls(e),
+                },
+            };
             tracing::debug!(%peer, "connection closed: {reason}");
             engine.stats.connections.fetch_sub(1, Ordering::Relaxed);
             drop(slot);
@@ -81,12 +91,29 @@ pub(crate) async fn run(
     }
 }
 
-/// Tells a client over the limit why, then closes.
-async fn refuse(socket: TcpStream, max: usize) {
+/// The TLS handshake, within the protocol handshake's time limit.
+async fn tls_accept(
+    tls: &TlsAcceptor,
+    socket: TcpStream,
+) -> Result<tokio_rustls::server::TlsStream<TcpStream>, String> {
+    let limit = Duration::from_secs(HANDSHAKE_TIMEOUT_SECS);
+    match tokio::time::timeout(limit, tls.accept(socket)).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no TLS handshake within {HANDSHAKE_TIMEOUT_SECS}s")),
+    }
+}
+
+/// Tells a client over the limit why (over TLS if the port speaks TLS), then closes.
+async fn refuse(socket: TcpStream, tls: Option<TlsAcceptor>, max: usize) {
     let msg = format!("the server is at its limit of {max} connections; try again later");
-    connection::close_with(
-        socket,
-        Response::error(0, ErrorCode::TooManyConnections, &msg),
-    )
-    .await;
+    let last = Response::error(0, ErrorCode::TooManyConnections, &msg);
+    match tls {
+        None => connection::close_with(socket, last).await,
+        Some(tls) => {
+            if let Ok(stream) = tls_accept(&tls, socket).await {
+                connection::close_with(stream, last).await;
+            }
+        }
+    }
 }

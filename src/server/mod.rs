@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 
 use crate::auth::{Auth, BOOTSTRAP_PASSWORD, BOOTSTRAP_USER};
 use crate::config::Config;
@@ -44,6 +45,9 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
+    /// The TLS certificate or key could not be used.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// A thread could not be started.
     #[error("cannot start: {0}")]
     Runtime(std::io::Error),
@@ -52,6 +56,7 @@ pub enum StartError {
 /// A bound, ready daemon. [`Server::run`] serves until the shutdown future completes.
 pub struct Server {
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     services: Services,
     config: Config,
 }
@@ -62,6 +67,22 @@ impl Server {
     /// # Errors
     /// [`StartError`] with a one-line reason.
     pub async fn bind(config: Config) -> Result<Server, StartError> {
+        let tls = match &config.tls {
+            Some(files) => {
+                let tls =
+                    crate::tls::server_config(&files.cert, &files.key).map_err(StartError::Tls)?;
+                Some(TlsAcceptor::from(tls))
+            }
+            None if !config.listen.ip().is_loopback() => {
+                tracing::warn!(
+                    "listening on {} without TLS: passwords and events cross the network in clear \
+                     (use --tls-cert and --tls-key)",
+                    config.listen
+                );
+                None
+            }
+            None => None,
+        };
         let path = config.database.clone();
         let store = tokio::task::spawn_blocking(move || Store::open(&path))
             .await
@@ -93,6 +114,7 @@ impl Server {
                 })?;
         Ok(Server {
             listener,
+            tls,
             services: Services {
                 engine,
                 auth: Arc::new(auth),
@@ -118,7 +140,14 @@ impl Server {
     /// answer what it has read, closes them and stops the handler threads.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let engine = self.services.engine.clone();
-        listener::run(self.listener, self.services, &self.config, shutdown).await;
+        listener::run(
+            self.listener,
+            self.tls,
+            self.services,
+            &self.config,
+            shutdown,
+        )
+        .await;
         let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
     }
 }

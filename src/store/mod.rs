@@ -68,8 +68,8 @@ pub struct BucketSpec {
     pub created_ms: u64,
 }
 
-/// A stored bucket: its name and its spec, or why the record does not parse.
-pub type StoredBucket = (String, Result<BucketSpec, String>);
+/// A stored record: its name and its value, or why the record does not parse.
+pub type Stored<T> = (String, Result<T, String>);
 
 /// The open database file.
 pub struct Store {
@@ -163,7 +163,7 @@ impl Store {
     ///
     /// # Errors
     /// [`StoreError::Io`] if the table cannot be read.
-    pub fn buckets(&self) -> Result<Vec<StoredBucket>, StoreError> {
+    pub fn buckets(&self) -> Result<Vec<Stored<BucketSpec>>, StoreError> {
         self.all_json(BUCKETS)
     }
 
@@ -187,9 +187,7 @@ impl Store {
     ///
     /// # Errors
     /// [`StoreError::Io`] if the table cannot be read.
-    pub fn users(
-        &self,
-    ) -> Result<Vec<(String, Result<crate::auth::UserRecord, String>)>, StoreError> {
+    pub fn users(&self) -> Result<Vec<Stored<crate::auth::UserRecord>>, StoreError> {
         self.all_json(USERS)
     }
 
@@ -212,7 +210,7 @@ impl Store {
     fn all_json<T: for<'de> Deserialize<'de>>(
         &self,
         table: Table,
-    ) -> Result<Vec<(String, Result<T, String>)>, StoreError> {
+    ) -> Result<Vec<Stored<T>>, StoreError> {
         let tx = self.db.begin_read().map_err(io)?;
         let table = tx.open_table(table).map_err(io)?;
         let mut out = Vec::new();

@@ -6,3 +6,4 @@ mod common;
 mod raw_protocol;
 mod spec_vectors;
 mod stock_handlers;
+mod tls;
