@@ -61,7 +61,7 @@ async fn measure(
 ) -> Run {
     let mut clients = Vec::new();
     for _ in 0..connections {
-        clients.push(Client::connect(addr).await.expect("connect"));
+        clients.push(login(addr).await);
     }
     let start = Instant::now();
     let tasks: Vec<_> = clients
@@ -86,6 +86,13 @@ async fn measure(
     }
 }
 
+/// A connection logged in as the bootstrap admin of the fresh database.
+async fn login(addr: std::net::SocketAddr) -> Client {
+    let client = Client::connect(addr).await.expect("connect");
+    client.login("admin", "admin").await.expect("login");
+    client
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "quick");
     let scale = if quick { 1 } else { 5 };
@@ -107,7 +114,7 @@ fn main() {
         let daemon = tokio::spawn(server.run(async {
             let _ = stopped.await;
         }));
-        let admin = Client::connect(addr).await.expect("connect");
+        let admin = login(addr).await;
         admin
             .create("bench", "counter", None)
             .await
