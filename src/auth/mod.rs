@@ -223,8 +223,21 @@ impl Auth {
     /// [`Error::LoginThrottled`] while `peer` or `user` is locked, [`Error::LoginFailed`]
     /// for a wrong password or an unknown user alike.
     pub async fn login(&self, user: &str, password: &str, peer: IpAddr) -> Result<Session, Error> {
+        let throttled = |wait: std::time::Duration| {
+            Error::LoginThrottled(wait.as_millis().div_ceil(1000) as u64)
+        };
         if let Some(wait) = self.throttle.locked(peer, user, Instant::now()) {
-            return Err(Error::LoginThrottled(wait.as_secs().max(1)));
+            return Err(throttled(wait));
+        }
+        let _slot = self
+            .hash_slots
+            .acquire()
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        // Checked again with the slot held: attempts queued in parallel must not get
+        // past a lock that the attempts ahead of them set.
+        if let Some(wait) = self.throttle.locked(peer, user, Instant::now()) {
+            return Err(throttled(wait));
         }
         let entry = self.users.read().get(user).cloned();
         let phc = match &entry {
@@ -232,9 +245,9 @@ impl Auth {
             None => self.dummy_hash.clone(),
         };
         let attempt = password.to_owned();
-        let matches = self
-            .off_runtime(move || password::verify(&phc, &attempt))
-            .await?;
+        let matches = tokio::task::spawn_blocking(move || password::verify(&phc, &attempt))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?;
         match entry {
             Some(entry) if matches => {
                 self.throttle.succeed(peer, user);
@@ -248,6 +261,14 @@ impl Auth {
                 tracing::info!(%peer, user, "failed login");
                 Err(Error::LoginFailed)
             }
+        }
+    }
+
+    /// Keeps `default_admin_password` true exactly while `admin` exists with password `admin`.
+    fn note_password(&self, name: &str, password: Option<&str>) {
+        if name == BOOTSTRAP_USER {
+            self.default_admin_password
+                .store(password == Some(BOOTSTRAP_PASSWORD), Ordering::Relaxed);
         }
     }
 
@@ -307,6 +328,7 @@ impl Auth {
         });
         self.commit(&entry, record).await?;
         self.users.write().insert(name.to_owned(), entry);
+        self.note_password(name, Some(password));
         Ok(())
     }
 
@@ -329,6 +351,7 @@ impl Auth {
             .map_err(|e| Error::Storage(e.to_string()))?;
         self.users.write().remove(name);
         entry.revoked.send_replace(true);
+        self.note_password(name, None);
         Ok(())
     }
 
@@ -356,10 +379,7 @@ impl Auth {
         let mut record = entry.record.read().clone();
         record.password = phc;
         self.commit(&entry, record).await?;
-        if name == BOOTSTRAP_USER {
-            self.default_admin_password
-                .store(password == BOOTSTRAP_PASSWORD, Ordering::Relaxed);
-        }
+        self.note_password(name, Some(password));
         Ok(())
     }
 
@@ -455,4 +475,73 @@ fn parse_grant(permission: &str, pattern: &str) -> Result<Grant, Error> {
         permission,
         pattern: pattern.to_owned(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth(dir: &std::path::Path) -> Arc<Auth> {
+        let store = Arc::new(Store::open(&dir.join("db.redb")).expect("store"));
+        Arc::new(Auth::load(store).expect("auth"))
+    }
+
+    // Regression: the lock was checked only before waiting for a hashing slot, so wrong
+    // passwords sent in parallel were all verified (20 of 20 answered LOGIN_FAILED).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn parallel_attempts_cannot_bypass_throttling() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let auth = auth(dir.path());
+        let peer: IpAddr = "10.1.2.3".parse().expect("ip");
+        let attempts: Vec<_> = (0..20)
+            .map(|_| {
+                let auth = auth.clone();
+                tokio::spawn(async move { auth.login(BOOTSTRAP_USER, "wrong", peer).await.err() })
+            })
+            .collect();
+        let (mut failed, mut throttled) = (0, 0);
+        for a in attempts {
+            match a.await.expect("task") {
+                Some(Error::LoginFailed) => failed += 1,
+                Some(Error::LoginThrottled(_)) => throttled += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        let most = throttle::FREE_FAILURES as usize + HASH_SLOTS - 1;
+        assert!(
+            failed <= most,
+            "{failed} passwords verified, at most {most} allowed"
+        );
+        assert_eq!(failed + throttled, 20);
+    }
+
+    // Regression: deleting (or re-creating) `admin` did not update the INFO flag.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn default_password_flag_follows_the_admin_user() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let auth = auth(dir.path());
+        let peer: IpAddr = "127.0.0.1".parse().expect("ip");
+        assert!(auth.default_admin_password());
+        let root = auth
+            .login(BOOTSTRAP_USER, BOOTSTRAP_PASSWORD, peer)
+            .await
+            .expect("login");
+        auth.add_user(&root, "root", "pw").await.expect("add");
+        auth.grant(&root, "root", "admin", "*")
+            .await
+            .expect("grant");
+        let root = auth.login("root", "pw", peer).await.expect("login");
+        auth.delete_user(&root, BOOTSTRAP_USER)
+            .await
+            .expect("delete");
+        assert!(!auth.default_admin_password());
+        auth.add_user(&root, BOOTSTRAP_USER, BOOTSTRAP_PASSWORD)
+            .await
+            .expect("re-add");
+        assert!(auth.default_admin_password());
+        auth.set_password(&root, BOOTSTRAP_USER, "better")
+            .await
+            .expect("passwd");
+        assert!(!auth.default_admin_password());
+    }
 }

@@ -1,9 +1,10 @@
 //! Login throttling, per peer address and per user name (existing or not, so throttling
 //! reveals nothing about which users exist).
 //!
-//! Policy: the first [`FREE_FAILURES`] failures cost nothing extra. From then on, each
-//! failure locks further attempts (for that address, and for that name) for
-//! [`BASE_LOCK`] doubled per further failure, up to [`MAX_LOCK`]. A locked attempt is
+//! Policy: the first [`FREE_FAILURES`]` - 1` failures cost nothing extra. From the
+//! [`FREE_FAILURES`]th consecutive failure on, each failure locks further attempts (for
+//! that address, and for that name) for [`BASE_LOCK`], doubled per further failure, up to
+//! [`MAX_LOCK`]. A locked attempt is
 //! refused with `LOGIN_THROTTLED` without checking the password. A success clears the
 //! record; a record is forgotten [`FORGET_AFTER`] after its last failure. Each table
 //! holds at most [`MAX_ENTRIES`] records; beyond that the oldest is evicted.
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-/// Failures allowed before locking starts.
+/// The failure that first locks (the earlier ones do not).
 pub const FREE_FAILURES: u32 = 5;
 /// Lock after the first failure past the free ones.
 pub const BASE_LOCK: Duration = Duration::from_secs(1);

@@ -18,7 +18,7 @@ pub const MAGIC: &[u8; 8] = b"BUCKETLY";
 pub const PROTOCOL_VERSION: u16 = 1;
 /// Largest client hello body accepted; a larger length prefix is not a handshake.
 pub const MAX_HELLO_LEN: u32 = 256;
-/// Server hello flag: the client must LOGIN before other commands (set by a later release).
+/// Server hello flag: the client must LOGIN before other commands (always set by this server).
 pub const FLAG_LOGIN_REQUIRED: u32 = 1;
 
 /// The client's first frame.

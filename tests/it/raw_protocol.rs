@@ -1,6 +1,6 @@
 //! Adversarial raw-byte protocol tests against the real daemon: wrong peers (HTTP, other
 //! versions, random bytes), framing violations, malformed payloads, abrupt disconnects,
-//! deep pipelining, the connection limit and graceful shutdown.
+//! deep pipelining, the connection limit, graceful shutdown, and login and permissions.
 //!
 //! Request bodies are built by hand from the byte layout in `src/protocol/request.rs`
 //! (`opcode:u8 request_id:u32be payload`, `str16`, `blob32`, `opt`), so these tests are an
@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::common::{config_in, RawConn, TestServer};
+use crate::common::{config_in, RawConn, TestServer, ADMIN, ADMIN_PASSWORD};
 
 // ---------------------------------------------------------------------------------------
 // Hand-built wire format.
@@ -29,6 +29,17 @@ const OP_SEND: u8 = 0x05;
 const OP_VIEW: u8 = 0x06;
 const OP_DUMP: u8 = 0x07;
 const OP_INFO: u8 = 0x08;
+const OP_LOGIN: u8 = 0x10;
+const OP_WHOAMI: u8 = 0x11;
+const OP_USER_ADD: u8 = 0x12;
+const OP_USER_DEL: u8 = 0x13;
+const OP_USER_PASSWD: u8 = 0x14;
+const OP_USER_LIST: u8 = 0x15;
+const OP_USER_GRANT: u8 = 0x16;
+const OP_USER_REVOKE: u8 = 0x17;
+
+/// Server hello flag bit 0: the client must LOGIN before other commands.
+const LOGIN_REQUIRED: u32 = 1;
 
 const PROTOCOL_ERROR: u16 = 100;
 const FRAME_TOO_LARGE: u16 = 101;
@@ -36,9 +47,17 @@ const BAD_HANDSHAKE: u16 = 102;
 const UNSUPPORTED_VERSION: u16 = 103;
 const TOO_MANY_CONNECTIONS: u16 = 104;
 const SHUTTING_DOWN: u16 = 105;
+const USER_DELETED: u16 = 107;
 const UNKNOWN_COMMAND: u16 = 200;
 const MALFORMED_REQUEST: u16 = 201;
 const INVALID_ARGUMENT: u16 = 202;
+const AUTH_REQUIRED: u16 = 300;
+const LOGIN_FAILED: u16 = 301;
+const PERMISSION_DENIED: u16 = 302;
+const LOGIN_THROTTLED: u16 = 303;
+const NO_SUCH_USER: u16 = 310;
+const USER_EXISTS: u16 = 311;
+const LAST_ADMIN: u16 = 312;
 const NO_SUCH_BUCKET: u16 = 400;
 const BUCKET_EXISTS: u16 = 401;
 const NO_SUCH_HANDLER: u16 = 402;
@@ -123,6 +142,42 @@ fn info(id: u32, bucket: Option<&str>) -> Vec<u8> {
         None => vec![0],
     };
     body(OP_INFO, id, &p)
+}
+
+/// LOGIN: `user:str16 password:str16`.
+fn login(id: u32, user: &str, password: &str) -> Vec<u8> {
+    let p = [str16(user.as_bytes()), str16(password.as_bytes())].concat();
+    body(OP_LOGIN, id, &p)
+}
+
+fn whoami(id: u32) -> Vec<u8> {
+    body(OP_WHOAMI, id, &[])
+}
+
+/// USER_ADD: `user:str16 password:str16`.
+fn user_add(id: u32, user: &str, password: &str) -> Vec<u8> {
+    let p = [str16(user.as_bytes()), str16(password.as_bytes())].concat();
+    body(OP_USER_ADD, id, &p)
+}
+
+/// USER_DEL: `user:str16`.
+fn user_del(id: u32, user: &str) -> Vec<u8> {
+    body(OP_USER_DEL, id, &str16(user.as_bytes()))
+}
+
+fn user_list(id: u32) -> Vec<u8> {
+    body(OP_USER_LIST, id, &[])
+}
+
+/// USER_GRANT: `user:str16 permission:str16 pattern:str16`.
+fn user_grant(id: u32, user: &str, permission: &str, pattern: &str) -> Vec<u8> {
+    let p = [
+        str16(user.as_bytes()),
+        str16(permission.as_bytes()),
+        str16(pattern.as_bytes()),
+    ]
+    .concat();
+    body(OP_USER_GRANT, id, &p)
 }
 
 /// A client hello frame: `magic version:u16be flags:u16be reserved`.
@@ -279,7 +334,8 @@ async fn blast(mut stream: TcpStream, bytes: Vec<u8>) -> Vec<Response> {
 }
 
 /// Checks the answers to garbage: well-formed, at most one FATAL, last, with a 1xx code
-/// and id 0; ERRORs never INTERNAL or STORAGE. Before a handshake, exactly one FATAL.
+/// and id 0; ERRORs are request errors (2xx), login, user and permission errors (3xx) or
+/// bucket errors (4xx), never INTERNAL or STORAGE. Before a handshake, exactly one FATAL.
 fn check_garbage_answers(responses: &[Response], handshaken: bool, label: &str) {
     for (i, r) in responses.iter().enumerate() {
         let failure = r
@@ -290,7 +346,7 @@ fn check_garbage_answers(responses: &[Response], handshaken: bool, label: &str) 
             (Status::Error, Some((code, msg))) => {
                 assert!(handshaken, "{label}: ERROR before any handshake: {msg}");
                 assert!(
-                    (200..300).contains(&code) || (400..500).contains(&code),
+                    (200..500).contains(&code),
                     "{label}: garbage caused server-side error {code}: {msg}"
                 );
             }
@@ -469,9 +525,10 @@ async fn malformed_hellos_get_bad_handshake() {
     }
 }
 
-// The server hello is `OK id 0` with magic, version 1, flags, the configured max_frame and
-// a server name; reserved hello bytes up to the 256-byte hello limit and non-zero flags
-// are ignored.
+// The server hello is `OK id 0` with magic, version 1, flags (LOGIN_REQUIRED, always set),
+// the configured max_frame and a server name; reserved hello bytes up to the 256-byte
+// hello limit and non-zero client flags are ignored, and the connection then works:
+// PING before LOGIN, anything after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_hello_layout_and_reserved_hello_bytes() {
     let (server, _dir) = server_with(|c| c.max_frame = 4096).await;
@@ -483,7 +540,7 @@ async fn server_hello_layout_and_reserved_hello_bytes() {
         assert_eq!(u16::from_be_bytes([p[8], p[9]]), 1, "version");
         assert_eq!(
             u32::from_be_bytes(p[10..14].try_into().expect("4")),
-            0,
+            LOGIN_REQUIRED,
             "flags"
         );
         assert_eq!(
@@ -496,26 +553,32 @@ async fn server_hello_layout_and_reserved_hello_bytes() {
         let name = std::str::from_utf8(&p[20..]).expect("utf-8");
         assert!(name.starts_with("bucketlyd "), "{name}");
         assert_usable(&mut conn, 1).await;
+        conn.write_frame(&login(2, ADMIN, ADMIN_PASSWORD)).await;
+        expect_ok(&mut conn, 2).await;
+        conn.write_frame(&list(3)).await;
+        assert_eq!(parse_json(&expect_ok(&mut conn, 3).await), json!([]));
     }
 }
 
-// A hello and requests in one write: the bytes after the hello are served as requests,
-// in order.
+// A hello and requests in one write, a LOGIN among them: the bytes after the hello are
+// served as requests, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hello_and_requests_in_one_write() {
     let server = TestServer::start().await;
     let mut conn = RawConn::connect(server.addr).await;
     let mut bytes = v1_hello();
     bytes.extend(framed(&ping(7, b"first")));
-    bytes.extend(framed(&create(8, "together", "counter", b"", b"")));
-    bytes.extend(framed(&send(9, "together", &[b"x", b"x"])));
-    bytes.extend(framed(&view(10, "together", Some(b"x"))));
+    bytes.extend(framed(&login(8, ADMIN, ADMIN_PASSWORD)));
+    bytes.extend(framed(&create(9, "together", "counter", b"", b"")));
+    bytes.extend(framed(&send(10, "together", &[b"x", b"x"])));
+    bytes.extend(framed(&view(11, "together", Some(b"x"))));
     conn.write(&bytes).await;
     expect_ok(&mut conn, 0).await;
     assert_eq!(expect_ok(&mut conn, 7).await, b"first");
-    assert_eq!(expect_ok(&mut conn, 8).await, b"");
-    assert_eq!(send_counts(&expect_ok(&mut conn, 9).await), (2, 0));
-    assert_eq!(parse_json(&expect_ok(&mut conn, 10).await), json!(2));
+    assert_eq!(parse_json(&expect_ok(&mut conn, 8).await)["user"], ADMIN);
+    assert_eq!(expect_ok(&mut conn, 9).await, b"");
+    assert_eq!(send_counts(&expect_ok(&mut conn, 10).await), (2, 0));
+    assert_eq!(parse_json(&expect_ok(&mut conn, 11).await), json!(2));
 }
 
 // A hello delivered one byte per write is still recognised.
@@ -621,7 +684,8 @@ async fn fifty_garbage_connections_then_a_normal_client() {
 }
 
 // Random request bodies inside valid frames (biased toward real opcodes and plausible
-// bucket names): each gets exactly one non-FATAL answer, in order, with its id.
+// bucket and user names), on a connection logged in as admin: each gets exactly one
+// non-FATAL answer, in order, with its id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_bodies_in_valid_frames_are_answered_one_by_one() {
     let server = TestServer::start().await;
@@ -629,10 +693,12 @@ async fn random_bodies_in_valid_frames_are_answered_one_by_one() {
     let mut rng = XorShift::new(77);
     let mut bytes = Vec::new();
     let mut sent = Vec::new();
+    // The opcodes of the v1 commands and their unknown neighbours.
+    let near: Vec<u8> = (0x00..=0x09).chain(0x10..=0x18).collect();
     for i in 0..3000u32 {
         let op = match rng.below(4) {
             0 => rng.next_u64() as u8,
-            _ => rng.below(10) as u8,
+            _ => near[rng.below(near.len() as u64) as usize],
         };
         let id = i.wrapping_mul(0x9E37_79B1);
         let mut payload = Vec::new();
@@ -653,17 +719,31 @@ async fn random_bodies_in_valid_frames_are_answered_one_by_one() {
         match r.failure().expect("well-formed") {
             None if *op == OP_PING => assert_eq!(&r.payload[..], &payload[..]),
             None => assert!(
-                matches!(*op, OP_LIST | OP_INFO),
+                matches!(*op, OP_LIST | OP_INFO | OP_WHOAMI | OP_USER_LIST),
                 "opcode {op:#04x} with random payload {payload:?} succeeded"
             ),
             Some((code, msg)) => {
                 assert_eq!(r.status, Status::Error, "{msg}");
+                // Logged in as admin: never AUTH_REQUIRED or PERMISSION_DENIED.
                 let expected: &[u16] = match *op {
                     1..=8 => &[
                         MALFORMED_REQUEST,
                         INVALID_ARGUMENT,
                         NO_SUCH_BUCKET,
                         NO_SUCH_HANDLER,
+                    ],
+                    OP_LOGIN => &[MALFORMED_REQUEST, LOGIN_FAILED, LOGIN_THROTTLED],
+                    OP_WHOAMI | OP_USER_LIST => &[MALFORMED_REQUEST],
+                    OP_USER_ADD => &[MALFORMED_REQUEST, INVALID_ARGUMENT, USER_EXISTS],
+                    OP_USER_DEL => &[MALFORMED_REQUEST, NO_SUCH_USER, LAST_ADMIN],
+                    OP_USER_PASSWD | OP_USER_GRANT => {
+                        &[MALFORMED_REQUEST, INVALID_ARGUMENT, NO_SUCH_USER]
+                    }
+                    OP_USER_REVOKE => &[
+                        MALFORMED_REQUEST,
+                        INVALID_ARGUMENT,
+                        NO_SUCH_USER,
+                        LAST_ADMIN,
                     ],
                     _ => &[UNKNOWN_COMMAND],
                 };
@@ -810,7 +890,8 @@ async fn info_counts_requests_and_protocol_errors() {
     let before = parse_json(&expect_ok(&mut probe, 1).await);
     assert_eq!(before["protocol_errors"], json!(0), "{before}");
 
-    // Three request frames on one connection, and a new handshake elsewhere.
+    // Two request frames and an INFO on one connection; elsewhere a handshake (not a
+    // request), then a LOGIN and a PING (two requests).
     let mut other = server.raw().await;
     probe.write_frame(&body(0x33, 2, b"")).await;
     expect_error(&mut probe, 2, UNKNOWN_COMMAND).await;
@@ -822,7 +903,7 @@ async fn info_counts_requests_and_protocol_errors() {
     let requests = |v: &Value| v["requests"].as_u64().expect("requests");
     assert_eq!(
         requests(&after) - requests(&before),
-        4,
+        5,
         "{before} -> {after}"
     );
     assert_eq!(after["protocol_errors"], json!(0), "{after}");
@@ -899,6 +980,8 @@ async fn unknown_opcodes_are_request_errors() {
     let cases = [
         (0x00u8, 1u32, &b"whatever"[..]),
         (0x09, 0, b"x"),
+        (0x18, 3, b""),
+        (0x20, 5, b"\x00\x06clicks"),
         (0x42, 7, b""),
         (0x7f, 0xDEAD_BEEF, b"\x00\x01"),
         (0xff, u32::MAX, b"whatever"),
@@ -1193,7 +1276,7 @@ async fn pipeline_mixed(conn: &mut RawConn, bucket: &str, n: u32) {
         } else {
             let mut payload = format!("ping-{i}-").into_bytes();
             payload.extend(i.to_be_bytes());
-            payload.extend(std::iter::repeat(b'.').take((i % 13) as usize));
+            payload.extend(std::iter::repeat_n(b'.', (i % 13) as usize));
             bytes.extend(framed(&ping(id, &payload)));
             expected.push((id, Expect::Echo(payload)));
         }
@@ -1245,7 +1328,7 @@ async fn pipelining_under_tight_in_flight_limits() {
     assert_usable(&mut conn, 1).await;
 }
 
-// Pipelined CREATE and DROP complete before the next request is read (PROTOCOL.md §7):
+// Pipelined CREATE and DROP complete before the next request is read (PROTOCOL.md §8):
 // SENDs right after CREATE find the bucket, one right after DROP gets NO_SUCH_BUCKET, and
 // the name can be created again at once, empty.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1715,7 +1798,7 @@ async fn shutdown_sends_shutting_down_then_eof() {
 }
 
 // A connection that cannot drain (its peer stopped reading) is closed when the 10 s
-// shutdown grace ends (PROTOCOL.md §7: "connections that are still open ... are
+// shutdown grace ends (PROTOCOL.md §8: "connections that are still open ... are
 // closed"), so answers still queued in the daemon are never delivered. Paused clock
 // (current-thread runtime) so the grace passes without a real wait; the signal is
 // `stop()` returning, then what the socket still delivers.
@@ -1752,8 +1835,8 @@ async fn connections_still_open_after_the_shutdown_grace_are_closed() {
 }
 
 // A connection still in its handshake when the server stops is closed promptly, at most
-// after a FATAL SHUTTING_DOWN (PROTOCOL.md §4 says "without any response"; the daemon now
-// sends 105 — either is accepted here, a connection left open is not).
+// after a FATAL SHUTTING_DOWN (PROTOCOL.md §4 and §8 say it gets 105; a plain close is
+// accepted here too, a connection left open is not).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_closes_connections_still_in_handshake() {
     let server = TestServer::start().await;
@@ -1777,4 +1860,220 @@ async fn shutdown_closes_connections_still_in_handshake() {
         assert!(within("EOF", conn.closed()).await, "open after FATAL 105");
     }
     within("server stop", stopping).await.expect("stop task");
+}
+
+// ---------------------------------------------------------------------------------------
+// 12. Login and permissions.
+
+// Before LOGIN every command but PING gets ERROR AUTH_REQUIRED with its own id and has no
+// effect; the connection stays open, and can PING and then log in. Decoding comes first:
+// an unknown opcode is still UNKNOWN_COMMAND, a malformed LOGIN still MALFORMED_REQUEST.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_before_login_get_auth_required_and_the_connection_stays() {
+    let server = TestServer::start().await;
+    let mut conn = RawConn::connect(server.addr).await;
+    conn.handshake().await;
+    let early: Vec<(u32, Vec<u8>)> = vec![
+        (1, list(1)),
+        (2, info(2, None)),
+        (3, create(3, "early", "counter", b"", b"")),
+        (4, send(4, "early", &[b"x"])),
+        (5, view(5, "early", None)),
+        (6, whoami(6)),
+        (7, user_add(7, "eve", "eve-pw")),
+        (8, user_list(8)),
+        (0xffff_ffff, info(0xffff_ffff, Some("early"))),
+    ];
+    for (id, request) in &early {
+        conn.write_frame(request).await;
+        let msg = expect_error(&mut conn, *id, AUTH_REQUIRED).await;
+        assert!(msg.contains("LOGIN"), "{msg}");
+    }
+    conn.write_frame(&body(0x33, 9, b"")).await;
+    expect_error(&mut conn, 9, UNKNOWN_COMMAND).await;
+    conn.write_frame(&body(OP_LOGIN, 10, &str16(b"admin")))
+        .await;
+    expect_error(&mut conn, 10, MALFORMED_REQUEST).await;
+    assert_usable(&mut conn, 11).await;
+    conn.write_frame(&login(12, ADMIN, ADMIN_PASSWORD)).await;
+    expect_ok(&mut conn, 12).await;
+    // The early CREATE and USER_ADD did nothing.
+    conn.write_frame(&list(13)).await;
+    assert_eq!(parse_json(&expect_ok(&mut conn, 13).await), json!([]));
+    conn.write_frame(&user_list(14)).await;
+    let users = parse_json(&expect_ok(&mut conn, 14).await);
+    assert_eq!(users.as_array().map(Vec::len), Some(1), "{users}");
+}
+
+// PING needs no login: right after the handshake it is echoed, payload or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_works_before_login() {
+    let server = TestServer::start().await;
+    let mut conn = RawConn::connect(server.addr).await;
+    conn.handshake().await;
+    conn.write_frame(&ping(1, b"no login needed")).await;
+    assert_eq!(expect_ok(&mut conn, 1).await, b"no login needed");
+    conn.write_frame(&ping(2, b"")).await;
+    assert_eq!(expect_ok(&mut conn, 2).await, b"");
+    // Still not logged in.
+    conn.write_frame(&list(3)).await;
+    expect_error(&mut conn, 3, AUTH_REQUIRED).await;
+}
+
+// A wrong password and an unknown user both get LOGIN_FAILED with the same message; the
+// connection stays open, still without a login, and can then log in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_with_a_wrong_password_gets_login_failed() {
+    let server = TestServer::start().await;
+    let mut conn = RawConn::connect(server.addr).await;
+    conn.handshake().await;
+    conn.write_frame(&login(1, ADMIN, "not the password")).await;
+    let wrong_password = expect_error(&mut conn, 1, LOGIN_FAILED).await;
+    conn.write_frame(&login(2, "nobody", "not the password"))
+        .await;
+    let unknown_user = expect_error(&mut conn, 2, LOGIN_FAILED).await;
+    assert_eq!(
+        wrong_password, unknown_user,
+        "the message must not tell whether the user exists"
+    );
+    conn.write_frame(&whoami(3)).await;
+    expect_error(&mut conn, 3, AUTH_REQUIRED).await;
+    conn.write_frame(&login(4, ADMIN, ADMIN_PASSWORD)).await;
+    expect_ok(&mut conn, 4).await;
+    // A failed LOGIN after a successful one keeps the connection's login.
+    conn.write_frame(&login(5, ADMIN, "wrong again")).await;
+    expect_error(&mut conn, 5, LOGIN_FAILED).await;
+    conn.write_frame(&whoami(6)).await;
+    assert_eq!(parse_json(&expect_ok(&mut conn, 6).await)["user"], ADMIN);
+}
+
+// LOGIN pipelined with other requests in one write (the hello included): they run in
+// request order, so a SEND before the LOGIN gets AUTH_REQUIRED and applies nothing, and
+// the SEND after it runs as the user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_login_then_send_in_one_write() {
+    let server = TestServer::start().await;
+    let admin = server.client().await;
+    admin
+        .create("piped", "counter", None)
+        .await
+        .expect("create");
+    let mut conn = RawConn::connect(server.addr).await;
+    let mut bytes = v1_hello();
+    bytes.extend(framed(&send(1, "piped", &[b"early"])));
+    bytes.extend(framed(&login(2, ADMIN, ADMIN_PASSWORD)));
+    bytes.extend(framed(&send(3, "piped", &[b"a", b"a", b"b"])));
+    bytes.extend(framed(&view(4, "piped", None)));
+    conn.write(&bytes).await;
+    expect_ok(&mut conn, 0).await;
+    expect_error(&mut conn, 1, AUTH_REQUIRED).await;
+    assert_eq!(
+        parse_json(&expect_ok(&mut conn, 2).await),
+        json!({"user": "admin", "grants": [{"permission": "admin", "pattern": "*"}]})
+    );
+    assert_eq!(send_counts(&expect_ok(&mut conn, 3).await), (3, 0));
+    assert_eq!(
+        parse_json(&expect_ok(&mut conn, 4).await),
+        json!({"a": 2, "b": 1})
+    );
+}
+
+// A user without the permission gets PERMISSION_DENIED whether or not the bucket exists,
+// and keeps its connection; LIST shows only the buckets its grants match; a grant given
+// meanwhile applies from the connection's next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permission_denied_keeps_the_connection_and_grants_apply_at_once() {
+    let server = TestServer::start().await;
+    let mut admin = server.raw().await;
+    admin
+        .write(
+            &[
+                framed(&create(1, "clicks.home", "counter", b"", b"")),
+                framed(&create(2, "orders", "counter", b"", b"")),
+                framed(&user_add(3, "bob", "bob-pw")),
+                framed(&user_grant(4, "bob", "send", "clicks.*")),
+            ]
+            .concat(),
+        )
+        .await;
+    for id in 1..=4 {
+        expect_ok(&mut admin, id).await;
+    }
+    let mut bob = RawConn::connect(server.addr).await;
+    bob.handshake().await;
+    bob.write_frame(&login(1, "bob", "bob-pw")).await;
+    assert_eq!(
+        parse_json(&expect_ok(&mut bob, 1).await),
+        json!({"user": "bob", "grants": [{"permission": "send", "pattern": "clicks.*"}]})
+    );
+    bob.write_frame(&send(2, "orders", &[b"x"])).await;
+    let msg = expect_error(&mut bob, 2, PERMISSION_DENIED).await;
+    assert!(
+        msg.contains("bob") && msg.contains("send") && msg.contains("orders"),
+        "{msg}"
+    );
+    bob.write_frame(&send(3, "no-such-bucket", &[b"x"])).await;
+    expect_error(&mut bob, 3, PERMISSION_DENIED).await;
+    bob.write_frame(&send(4, "clicks.home", &[b"a"])).await;
+    assert_eq!(send_counts(&expect_ok(&mut bob, 4).await), (1, 0));
+    bob.write_frame(&view(5, "clicks.home", None)).await;
+    expect_error(&mut bob, 5, PERMISSION_DENIED).await;
+    bob.write_frame(&list(6)).await;
+    assert_eq!(
+        parse_json(&expect_ok(&mut bob, 6).await),
+        json!([{"handler": "counter", "name": "clicks.home"}])
+    );
+    bob.write_frame(&user_list(7)).await;
+    expect_error(&mut bob, 7, PERMISSION_DENIED).await;
+
+    admin
+        .write_frame(&user_grant(5, "bob", "view", "clicks.*"))
+        .await;
+    expect_ok(&mut admin, 5).await;
+    bob.write_frame(&view(8, "clicks.home", None)).await;
+    assert_eq!(parse_json(&expect_ok(&mut bob, 8).await), json!({"a": 1}));
+    assert_usable(&mut bob, 9).await;
+}
+
+// Deleting a user closes its connections with FATAL USER_DELETED and id 0, even an idle
+// one; the deleting connection gets OK and stays. The last admin cannot be deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_user_closes_its_idle_connection_with_user_deleted() {
+    let server = TestServer::start().await;
+    let mut admin = server.raw().await;
+    admin.write_frame(&user_add(1, "temp", "temp-pw")).await;
+    expect_ok(&mut admin, 1).await;
+    let mut temp = RawConn::connect(server.addr).await;
+    temp.handshake().await;
+    temp.write_frame(&login(1, "temp", "temp-pw")).await;
+    expect_ok(&mut temp, 1).await;
+    assert_usable(&mut temp, 2).await;
+    // `temp` is idle now: nothing sent, nothing pending.
+    admin.write_frame(&user_del(2, "temp")).await;
+    expect_ok(&mut admin, 2).await;
+    let msg = expect_fatal_then_eof(&mut temp, USER_DELETED).await;
+    assert!(msg.contains("deleted"), "{msg}");
+    assert_usable(&mut admin, 3).await;
+    admin.write_frame(&user_del(4, ADMIN)).await;
+    expect_error(&mut admin, 4, LAST_ADMIN).await;
+    admin.write_frame(&user_del(5, "temp")).await;
+    expect_error(&mut admin, 5, NO_SUCH_USER).await;
+}
+
+// The 5th failed LOGIN from an address locks it: the next LOGIN is LOGIN_THROTTLED even
+// with the right password (which is not checked); the connection stays usable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifth_failed_login_locks_the_address() {
+    let server = TestServer::start().await;
+    let mut conn = RawConn::connect(server.addr).await;
+    conn.handshake().await;
+    for id in 1..=5 {
+        conn.write_frame(&login(id, &format!("nobody{id}"), "bad"))
+            .await;
+        expect_error(&mut conn, id, LOGIN_FAILED).await;
+    }
+    conn.write_frame(&login(6, ADMIN, ADMIN_PASSWORD)).await;
+    let msg = expect_error(&mut conn, 6, LOGIN_THROTTLED).await;
+    assert!(msg.contains("retry in"), "{msg}");
+    assert_usable(&mut conn, 7).await;
 }

@@ -2,18 +2,16 @@
 //! from the layouts in `protocol-spec/PROTOCOL.md`, not with this crate, so these tests are
 //! an independent check of `bucketly::protocol`: every valid vector must decode to its
 //! `decoded` value and encode back to exactly its bytes, and every invalid one must fail
-//! with its documented code. The spec's error-code table and its worked example are
-//! checked against the code too, so the document cannot drift from it.
+//! with its documented code. The spec's error-code table, its command and permission
+//! tables and its worked example are checked against the code too, so the document cannot
+//! drift from it.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use bucketly::protocol::handshake::MAX_HELLO_LEN;
-use bucketly::protocol::request::{
-    OP_CREATE, OP_DROP, OP_DUMP, OP_INFO, OP_LIST, OP_PING, OP_SEND, OP_VIEW,
-};
+use bucketly::protocol::handshake::{FLAG_LOGIN_REQUIRED, MAX_HELLO_LEN};
 use bucketly::protocol::{
-    check_frame, ClientHello, Command, ErrorCode, FrameError, Request, Response, SendBatch,
+    check_frame, ClientHello, Command, ErrorCode, FrameError, Request, Response, Secret, SendBatch,
     SendOutcome, ServerHello, Status,
 };
 use bytes::{Bytes, BytesMut};
@@ -120,6 +118,8 @@ fn same(what: &str, expected: &[u8], got: &[u8]) -> Check {
 
 fn request_of(d: &Value) -> Result<Request, String> {
     let bucket = || string(d, "bucket");
+    let user = || string(d, "user");
+    let password = || string(d, "password").map(Secret);
     let command = match string(d, "op")?.as_str() {
         "ping" => Command::Ping(bytes_field(d, "payload")?),
         "create" => Command::Create {
@@ -155,6 +155,31 @@ fn request_of(d: &Value) -> Result<Request, String> {
                 Value::Null => None,
                 _ => Some(bucket()?),
             },
+        },
+        "login" => Command::Login {
+            user: user()?,
+            password: password()?,
+        },
+        "whoami" => Command::Whoami,
+        "user_add" => Command::UserAdd {
+            user: user()?,
+            password: password()?,
+        },
+        "user_del" => Command::UserDel { user: user()? },
+        "user_passwd" => Command::UserPasswd {
+            user: user()?,
+            password: password()?,
+        },
+        "user_list" => Command::UserList,
+        "user_grant" => Command::UserGrant {
+            user: user()?,
+            permission: string(d, "permission")?,
+            pattern: string(d, "pattern")?,
+        },
+        "user_revoke" => Command::UserRevoke {
+            user: user()?,
+            permission: string(d, "permission")?,
+            pattern: string(d, "pattern")?,
         },
         other => return Err(format!("unknown op {other:?}")),
     };
@@ -223,6 +248,13 @@ fn check_response(frame: &[u8], d: &Value) -> Check {
     if let Some(text) = d.get("payload_text") {
         let text = text.as_str().ok_or("\"payload_text\" must be a string")?;
         same("payload_text", text.as_bytes(), &decoded.payload)?;
+    }
+    if let Some(value) = d.get("payload_json") {
+        let got: Value = serde_json::from_slice(&decoded.payload)
+            .map_err(|e| format!("payload is not JSON: {e}"))?;
+        if &got != value {
+            return Err(format!("payload JSON {got}\n  expected {value}"));
+        }
     }
     if let Some(o) = d.get("send_outcome") {
         let outcome = outcome_of(o)?;
@@ -422,6 +454,79 @@ fn every_vector_is_well_formed_and_of_a_known_kind() {
     }
 }
 
+/// One command of each kind. The exhaustive match makes a new `Command` variant a
+/// compile error here until it is added (and so covered by vectors and spec tables).
+fn every_command() -> Vec<Command> {
+    let s = String::new;
+    let commands = vec![
+        Command::Ping(Bytes::new()),
+        Command::Create {
+            bucket: s(),
+            handler: s(),
+            config: Bytes::new(),
+            options: Bytes::new(),
+        },
+        Command::Drop { bucket: s() },
+        Command::List,
+        Command::Send {
+            bucket: s(),
+            batch: SendBatch::from_events::<&[u8]>(&[]),
+        },
+        Command::View {
+            bucket: s(),
+            arg: None,
+        },
+        Command::Dump { bucket: s() },
+        Command::Info { bucket: None },
+        Command::Login {
+            user: s(),
+            password: Secret(s()),
+        },
+        Command::Whoami,
+        Command::UserAdd {
+            user: s(),
+            password: Secret(s()),
+        },
+        Command::UserDel { user: s() },
+        Command::UserPasswd {
+            user: s(),
+            password: Secret(s()),
+        },
+        Command::UserList,
+        Command::UserGrant {
+            user: s(),
+            permission: s(),
+            pattern: s(),
+        },
+        Command::UserRevoke {
+            user: s(),
+            permission: s(),
+            pattern: s(),
+        },
+    ];
+    for c in &commands {
+        match c {
+            Command::Ping(_)
+            | Command::Create { .. }
+            | Command::Drop { .. }
+            | Command::List
+            | Command::Send { .. }
+            | Command::View { .. }
+            | Command::Dump { .. }
+            | Command::Info { .. }
+            | Command::Login { .. }
+            | Command::Whoami
+            | Command::UserAdd { .. }
+            | Command::UserDel { .. }
+            | Command::UserPasswd { .. }
+            | Command::UserList
+            | Command::UserGrant { .. }
+            | Command::UserRevoke { .. } => {}
+        }
+    }
+    commands
+}
+
 #[test]
 fn vectors_cover_every_opcode_status_and_kind() {
     let vectors = vectors();
@@ -433,12 +538,12 @@ fn vectors_cover_every_opcode_status_and_kind() {
             .collect::<Vec<_>>()
     };
     let requests = of_kind("request");
-    for op in [
-        OP_PING, OP_CREATE, OP_DROP, OP_LIST, OP_SEND, OP_VIEW, OP_DUMP, OP_INFO,
-    ] {
+    for command in every_command() {
+        let op = command.opcode();
         assert!(
             requests.iter().any(|f| f.get(4) == Some(&op)),
-            "no request vector for opcode 0x{op:02x}"
+            "no request vector for opcode 0x{op:02x} ({})",
+            command.name()
         );
     }
     let responses = of_kind("response");
@@ -492,6 +597,59 @@ fn error_code_table_lists_exactly_the_codes() {
     assert_eq!(table, expected, "PROTOCOL.md error table vs ErrorCode::ALL");
 }
 
+/// The rows of the first Markdown table in `text` whose header row starts with `header`:
+/// each row's cells, trimmed.
+fn table_rows(text: &str, header: &str) -> Vec<Vec<String>> {
+    let mut lines = text.lines().skip_while(|l| !l.starts_with(header));
+    assert!(lines.next().is_some(), "no table with header {header:?}");
+    lines
+        .skip(1) // | --- | --- |
+        .take_while(|l| l.starts_with('|'))
+        .map(|l| {
+            let cells: Vec<&str> = l.split('|').collect();
+            cells[1..cells.len().saturating_sub(1)]
+                .iter()
+                .map(|c| c.trim().to_owned())
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn command_table_lists_exactly_the_opcodes() {
+    let doc = spec_file("PROTOCOL.md");
+    let table: BTreeSet<(String, String)> = table_rows(&section(&doc, "Commands"), "| opcode |")
+        .into_iter()
+        .map(|row| (row[0].clone(), row[1].clone()))
+        .collect();
+    let expected: BTreeSet<(String, String)> = every_command()
+        .iter()
+        .map(|c| (format!("0x{:02x}", c.opcode()), c.name().to_owned()))
+        .collect();
+    assert_eq!(table, expected, "PROTOCOL.md command table vs Command");
+}
+
+#[test]
+fn permission_table_names_every_command() {
+    let doc = spec_file("PROTOCOL.md");
+    let rows = table_rows(&section(&doc, "Login and permissions"), "| command |");
+    // First cell: `SEND` or `VIEW, INFO with a bucket`: command names, each possibly
+    // followed by a qualifier.
+    let listed: BTreeSet<String> = rows
+        .iter()
+        .flat_map(|row| {
+            row[0]
+                .split(',')
+                .map(|c| c.split_whitespace().next().unwrap_or_default().to_owned())
+        })
+        .collect();
+    let names: BTreeSet<String> = every_command()
+        .iter()
+        .map(|c| c.name().to_owned())
+        .collect();
+    assert_eq!(listed, names, "PROTOCOL.md permission table vs Command");
+}
+
 /// One frame of the worked example: direction and bytes.
 fn example_frames(doc: &str) -> Vec<(&'static str, Vec<u8>)> {
     let mut frames: Vec<(&'static str, Vec<u8>)> = Vec::new();
@@ -536,7 +694,12 @@ fn worked_example_is_a_valid_session() {
     assert_eq!(hello, ClientHello::v1());
     let server_hello = Response::decode(server.next().expect("server hello")).expect("response");
     assert_eq!((server_hello.status, server_hello.id), (Status::Ok, 0));
-    ServerHello::decode(server_hello.payload).expect("server hello payload");
+    let server_hello = ServerHello::decode(server_hello.payload).expect("server hello payload");
+    assert_eq!(
+        server_hello.flags & FLAG_LOGIN_REQUIRED,
+        FLAG_LOGIN_REQUIRED,
+        "the server hello announces LOGIN_REQUIRED"
+    );
 
     let requests: Vec<Request> = client
         .map(|b| Request::decode(b).expect("request"))
@@ -544,7 +707,16 @@ fn worked_example_is_a_valid_session() {
     let responses: Vec<Response> = server
         .map(|b| Response::decode(b).expect("response"))
         .collect();
-    assert!(!requests.is_empty());
+    assert!(
+        matches!(
+            requests.first(),
+            Some(Request {
+                command: Command::Login { .. },
+                ..
+            })
+        ),
+        "the session logs in first"
+    );
     assert_eq!(requests.len(), responses.len(), "one response per request");
     let mut seen = BTreeSet::new();
     for (request, response) in requests.iter().zip(&responses) {
@@ -559,10 +731,16 @@ fn worked_example_is_a_valid_session() {
             Command::View { .. } => {
                 serde_json::from_slice::<Value>(&response.payload).expect("VIEW answers JSON");
             }
+            Command::Login { user, .. } => {
+                let who: Value =
+                    serde_json::from_slice(&response.payload).expect("LOGIN answers JSON");
+                assert_eq!(who["user"], Value::String(user.clone()), "{who}");
+                assert!(who["grants"].is_array(), "{who}");
+            }
             _ => {}
         }
     }
-    for name in ["CREATE", "SEND", "VIEW"] {
+    for name in ["LOGIN", "CREATE", "SEND", "VIEW"] {
         assert!(seen.contains(name), "the example shows {name}");
     }
 }
