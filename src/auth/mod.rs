@@ -250,7 +250,7 @@ impl Auth {
             .map_err(|e| Error::Internal(e.to_string()))?;
         match entry {
             Some(entry) if matches => {
-                self.throttle.succeed(peer, user);
+                self.throttle.succeed(user);
                 Ok(Session {
                     revoked: entry.revoked.subscribe(),
                     user: entry,

@@ -6,7 +6,9 @@
 //! that address, and for that name) for [`BASE_LOCK`], doubled per further failure, up to
 //! [`MAX_LOCK`]. A locked attempt is
 //! refused with `LOGIN_THROTTLED` without checking the password. A success clears the
-//! record; a record is forgotten [`FORGET_AFTER`] after its last failure. Each table
+//! record of its user name only: clearing the address too would let anyone holding one
+//! valid account reset the address between guesses at other names. A record is
+//! forgotten [`FORGET_AFTER`] after its last failure. Each table
 //! holds at most [`MAX_ENTRIES`] records; beyond that the oldest is evicted.
 
 use std::collections::HashMap;
@@ -113,9 +115,8 @@ impl Throttle {
         self.users.lock().fail(&user.to_owned(), now);
     }
 
-    /// Records a success: clears both records.
-    pub fn succeed(&self, peer: IpAddr, user: &str) {
-        self.peers.lock().map.remove(&peer);
+    /// Records a success: clears the user name's record, not the address's.
+    pub fn succeed(&self, user: &str) {
         self.users.lock().map.remove(user);
     }
 }
@@ -142,8 +143,9 @@ mod tests {
         t.fail(ip, "bob", now);
         assert_eq!(t.locked(ip, "bob", now), Some(BASE_LOCK * 2));
         assert_eq!(t.locked(ip, "bob", now + BASE_LOCK * 2), None);
-        t.succeed(ip, "bob");
-        assert_eq!(t.locked(ip, "bob", now), None);
+        t.succeed("bob");
+        assert_eq!(t.locked(other, "bob", now), None, "the name is cleared");
+        assert!(t.locked(ip, "bob", now).is_some(), "the address is not");
     }
 
     #[test]

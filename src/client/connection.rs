@@ -27,8 +27,44 @@ pub(super) struct Outgoing {
     pub _permit: OwnedSemaphorePermit,
 }
 
-/// Requests written and not yet answered, oldest first.
-type Waiting = Arc<Mutex<VecDeque<Outgoing>>>;
+/// Requests written and not yet answered, oldest first, and the connection's fate once
+/// the reader has ended. Both sit under one lock, so a request is either queued before
+/// the reader drains the queue or answered at once with the fate: none waits forever.
+#[derive(Default)]
+struct Pending {
+    queue: VecDeque<Outgoing>,
+    fate: Option<Fate>,
+}
+
+type Waiting = Arc<Mutex<Pending>>;
+
+/// Why the connection ended: the server's FATAL, another error, or a plain close.
+enum Fate {
+    Server { code: u16, message: String },
+    Protocol(String),
+    Closed,
+}
+
+impl Fate {
+    fn new(failure: Option<ClientError>) -> Fate {
+        match failure {
+            Some(ClientError::Server { code, message }) => Fate::Server { code, message },
+            Some(other) => Fate::Protocol(other.to_string()),
+            None => Fate::Closed,
+        }
+    }
+
+    fn error(&self) -> ClientError {
+        match self {
+            Fate::Server { code, message } => ClientError::Server {
+                code: *code,
+                message: message.clone(),
+            },
+            Fate::Protocol(m) => ClientError::Protocol(m.clone()),
+            Fate::Closed => ClientError::Closed,
+        }
+    }
+}
 
 /// Handshakes, then spawns the reader and writer tasks.
 pub(super) async fn start<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
@@ -95,7 +131,15 @@ async fn write_loop<W: AsyncWrite>(
         while let Some(o) = next.take() {
             out.extend_from_slice(&o.frame);
             // Registered before the bytes leave, so the reader always finds it.
-            waiting.lock().push_back(o);
+            let mut pending = waiting.lock();
+            match &pending.fate {
+                Some(fate) => {
+                    let _ = o.reply.send(Err(fate.error()));
+                    return;
+                }
+                None => pending.queue.push_back(o),
+            }
+            drop(pending);
             if out.len() < WRITE_CHUNK {
                 next = rx.try_recv().ok();
             }
@@ -122,7 +166,7 @@ async fn read_loop<R: AsyncRead>(mut rd: ReadHalf<R>, mut buf: BytesMut, waiting
             };
             break Some(err);
         }
-        let Some(Outgoing { id, reply, .. }) = waiting.lock().pop_front() else {
+        let Some(Outgoing { id, reply, .. }) = waiting.lock().queue.pop_front() else {
             break Some(ClientError::Protocol(format!(
                 "unexpected answer for request {}",
                 response.id
@@ -138,16 +182,11 @@ async fn read_loop<R: AsyncRead>(mut rd: ReadHalf<R>, mut buf: BytesMut, waiting
         }
         let _ = reply.send(Ok(response));
     };
-    // Everything still waiting fails with the connection's fate.
-    for Outgoing { reply, .. } in waiting.lock().drain(..) {
-        let err = match &failure {
-            Some(ClientError::Server { code, message }) => ClientError::Server {
-                code: *code,
-                message: message.clone(),
-            },
-            Some(other) => ClientError::Protocol(other.to_string()),
-            None => ClientError::Closed,
-        };
-        let _ = reply.send(Err(err));
+    // Everything still waiting, and everything queued later, fails with the fate.
+    let fate = Fate::new(failure);
+    let mut pending = waiting.lock();
+    for Outgoing { reply, .. } in pending.queue.drain(..) {
+        let _ = reply.send(Err(fate.error()));
     }
+    pending.fate = Some(fate);
 }

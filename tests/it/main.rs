@@ -1,5 +1,6 @@
 //! Integration tests: start the real daemon and talk to it.
 
+mod auth;
 mod cli;
 mod client;
 mod common;
