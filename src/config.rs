@@ -31,6 +31,8 @@ pub const DEFAULT_MAILBOX: usize = 256;
 pub const DEFAULT_MAX_BUCKETS: usize = 10_000;
 /// Memory limit of one bucket's Lua state.
 pub const DEFAULT_LUA_MEMORY: usize = 64 * 1024 * 1024;
+/// Time budget of one handler call (one event's `send`, a `view`, a `dump`, `init`).
+pub const DEFAULT_LUA_TIME: std::time::Duration = std::time::Duration::from_millis(100);
 /// Time a new connection has to complete the handshake.
 pub const HANDSHAKE_TIMEOUT_SECS: u64 = 10;
 /// Time graceful shutdown waits for connections to drain before closing them.
@@ -61,6 +63,8 @@ pub struct Config {
     pub max_buckets: usize,
     /// See [`DEFAULT_LUA_MEMORY`].
     pub lua_memory: usize,
+    /// See [`DEFAULT_LUA_TIME`].
+    pub lua_time: std::time::Duration,
     /// Handler threads; 0 means one per available core.
     pub workers: usize,
     /// Serve TLS with this certificate chain and key (PEM files) instead of plain TCP.
@@ -90,6 +94,7 @@ impl Default for Config {
             mailbox: DEFAULT_MAILBOX,
             max_buckets: DEFAULT_MAX_BUCKETS,
             lua_memory: DEFAULT_LUA_MEMORY,
+            lua_time: DEFAULT_LUA_TIME,
             workers: 0,
             tls: None,
         }

@@ -78,6 +78,7 @@ impl Engine {
             catalog,
             limits: ScriptLimits {
                 memory: config.lua_memory,
+                time: config.lua_time,
             },
             mailbox: config.mailbox.max(1),
             max_buckets: config.max_buckets,

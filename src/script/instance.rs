@@ -4,11 +4,18 @@ use mlua::{Function, Lua, MultiValue, Table, Value};
 
 use super::json::{to_lua, write_json};
 use super::sandbox::new_state;
+use super::watchdog;
 use super::{lua_error_message, HandlerSource, ScriptError, ScriptLimits};
 
 /// A handler module loaded into a fresh state: its functions and its state table.
+///
+/// Every call into Lua runs under the time budget. A call stopped by it leaves the state
+/// half-updated, so the instance is then *failed*: every later call answers with the
+/// failure, and the bucket must be dropped and created again.
 pub struct HandlerInstance {
     lua: Lua,
+    budget: std::time::Duration,
+    failed: Option<String>,
     state: Value,
     send: Function,
     view: Function,
@@ -33,12 +40,14 @@ fn load_module(handler: &HandlerSource, limits: &ScriptLimits) -> Result<Module,
         message,
     };
     let lua = new_state(limits).map_err(|e| load_err(lua_error_message(&e)))?;
-    let value: Value = lua
-        .load(handler.source.as_str())
-        .set_name(format!("={}.lua", handler.name))
-        .set_mode(mlua::chunk::ChunkMode::Text)
-        .eval()
-        .map_err(|e| load_err(lua_error_message(&e)))?;
+    let value = watchdog::within(limits.time, || {
+        lua.load(handler.source.as_str())
+            .set_name(format!("={}.lua", handler.name))
+            .set_mode(mlua::chunk::ChunkMode::Text)
+            .eval::<Value>()
+    })
+    .ok_or_else(|| load_err(budget_message("loading the module", limits.time)))?
+    .map_err(|e| load_err(lua_error_message(&e)))?;
     let Value::Table(table) = value else {
         return Err(load_err(format!(
             "the file must return a table of functions, not a {}",
@@ -57,6 +66,13 @@ fn load_module(handler: &HandlerSource, limits: &ScriptLimits) -> Result<Module,
         }
     }
     Ok(Module { lua, table })
+}
+
+fn budget_message(what: &str, budget: std::time::Duration) -> String {
+    format!(
+        "{what} exceeded the time budget of {} ms",
+        budget.as_millis()
+    )
 }
 
 fn runtime(what: &str, e: &mlua::Error) -> ScriptError {
@@ -85,8 +101,8 @@ impl HandlerInstance {
         let flush = table.raw_get::<Option<Function>>("flush").ok().flatten();
         let config = to_lua(&lua, config).map_err(|e| runtime("config", &e))?;
         let state = match table.raw_get::<Option<Function>>("init").ok().flatten() {
-            Some(init) => init
-                .call::<Value>(config)
+            Some(init) => watchdog::within(limits.time, || init.call::<Value>(config))
+                .ok_or_else(|| ScriptError::Runtime(budget_message("init", limits.time)))?
                 .map_err(|e| runtime("init", &e))?,
             None => Value::Nil,
         };
@@ -96,6 +112,8 @@ impl HandlerInstance {
         };
         Ok(HandlerInstance {
             lua,
+            budget: limits.time,
+            failed: None,
             state,
             send,
             view,
@@ -115,8 +133,8 @@ impl HandlerInstance {
             .create_string(event)
             .map_err(|e| lua_error_message(&e))?;
         let ret = self
-            .send
-            .call::<MultiValue>((&self.state, event))
+            .guarded("send", |h| h.send.call::<MultiValue>((&h.state, event)))
+            .map_err(|e| e.to_string())?
             .map_err(|e| format!("handler error: {}", lua_error_message(&e)))?;
         let mut ret = ret.into_iter();
         let (first, second) = (ret.next(), ret.next());
@@ -142,8 +160,7 @@ impl HandlerInstance {
             None => Value::Nil,
         };
         let v = self
-            .view
-            .call::<Value>((&self.state, arg))
+            .guarded("view", |h| h.view.call::<Value>((&h.state, arg)))?
             .map_err(|e| runtime("view", &e))?;
         to_json("view", &v)
     }
@@ -154,10 +171,34 @@ impl HandlerInstance {
     /// [`ScriptError::Runtime`] as for [`view`](Self::view).
     pub fn dump(&mut self) -> Result<Vec<u8>, ScriptError> {
         let v = self
-            .dump
-            .call::<Value>(&self.state)
+            .guarded("dump", |h| h.dump.call::<Value>(&h.state))?
             .map_err(|e| runtime("dump", &e))?;
         to_json("dump", &v)
+    }
+
+    /// Runs `call` under the time budget. The outer error means the instance is failed
+    /// (now or before); the inner result is the call's own.
+    fn guarded<R>(
+        &mut self,
+        what: &str,
+        call: impl FnOnce(&Self) -> mlua::Result<R>,
+    ) -> Result<mlua::Result<R>, ScriptError> {
+        if let Some(why) = &self.failed {
+            return Err(ScriptError::Failed(why.clone()));
+        }
+        match watchdog::within(self.budget, || call(self)) {
+            Some(result) => Ok(result),
+            None => {
+                let why = budget_message(what, self.budget);
+                self.failed = Some(why.clone());
+                Err(ScriptError::Failed(why))
+            }
+        }
+    }
+
+    /// Why the instance is failed, if it is.
+    pub fn failure(&self) -> Option<&str> {
+        self.failed.as_deref()
     }
 
     /// Whether the handler defines `flush(state, ctx)` (called by scheduled processing).

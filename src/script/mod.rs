@@ -8,6 +8,7 @@ mod catalog;
 mod instance;
 mod json;
 mod sandbox;
+mod watchdog;
 
 pub use catalog::{HandlerCatalog, HandlerSource, Origin, MAX_HANDLER_FILE};
 pub use instance::HandlerInstance;
@@ -18,12 +19,15 @@ pub use json::MAX_DEPTH;
 pub struct ScriptLimits {
     /// Memory limit of the Lua state, in bytes.
     pub memory: usize,
+    /// Time one handler call (init, send of one event, view, dump) may run.
+    pub time: std::time::Duration,
 }
 
 impl Default for ScriptLimits {
     fn default() -> Self {
         ScriptLimits {
             memory: crate::config::DEFAULT_LUA_MEMORY,
+            time: crate::config::DEFAULT_LUA_TIME,
         }
     }
 }
@@ -42,6 +46,10 @@ pub enum ScriptError {
     /// A handler function raised an error or returned an unconvertible value.
     #[error("{0}")]
     Runtime(String),
+    /// A call was stopped by the time budget; the bucket's state may be half-updated, so
+    /// it refuses every call until it is dropped and created again.
+    #[error("bucket failed: {0}; drop and create it again")]
+    Failed(String),
 }
 
 /// One line for a Lua error: the message without the stack traceback.

@@ -3,6 +3,7 @@
 
 use mlua::{Lua, LuaOptions, StdLib, Table, Value};
 
+use super::watchdog;
 use super::ScriptLimits;
 
 /// Metatable field that tells the JSON mapping how to encode a table.
@@ -19,13 +20,14 @@ const REMOVED_GLOBALS: [&str; 6] = [
     "print",
 ];
 
-/// A new state with `table`, `string`, `math` and `utf8`, the pure parts of the base
-/// library, the `bucketly` helper table, and the memory limit.
+/// A new state with `table`, `string`, `math`, `utf8` and `coroutine`, the pure parts
+/// of the base library, the `bucketly` helper table, the memory limit and the
+/// [`watchdog`] hook (armed per call by the caller with [`watchdog::within`]).
 ///
 /// # Errors
 /// Only if Lua cannot allocate the state.
 pub(crate) fn new_state(limits: &ScriptLimits) -> mlua::Result<Lua> {
-    let libs = StdLib::TABLE | StdLib::STRING | StdLib::MATH | StdLib::UTF8;
+    let libs = StdLib::TABLE | StdLib::STRING | StdLib::MATH | StdLib::UTF8 | StdLib::COROUTINE;
     let lua = Lua::new_with(libs, LuaOptions::new())?;
     let globals = lua.globals();
     for name in REMOVED_GLOBALS {
@@ -34,6 +36,7 @@ pub(crate) fn new_state(limits: &ScriptLimits) -> mlua::Result<Lua> {
     let string: Table = globals.raw_get("string")?;
     string.raw_set("dump", Value::Nil)?;
     globals.raw_set("bucketly", helpers(&lua)?)?;
+    watchdog::install(&lua)?;
     lua.set_memory_limit(limits.memory)?;
     Ok(lua)
 }
@@ -89,7 +92,10 @@ mod tests {
 
     #[test]
     fn memory_limit_stops_a_string_bomb() {
-        let limits = ScriptLimits { memory: 4 << 20 };
+        let limits = ScriptLimits {
+            memory: 4 << 20,
+            ..ScriptLimits::default()
+        };
         let lua = new_state(&limits).expect("state");
         let r = lua
             .load("local s = string.rep('x', 64 * 1024 * 1024)")

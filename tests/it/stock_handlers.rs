@@ -271,7 +271,10 @@ fn stats_beyond_max_samples_keeps_exact_totals_and_estimates_percentiles() {
 #[test]
 fn stats_memory_stays_bounded_by_max_samples() {
     // Unbounded, 300k samples would need several MiB; the reservoir needs a few KiB.
-    let limits = ScriptLimits { memory: 2 << 20 };
+    let limits = ScriptLimits {
+        memory: 2 << 20,
+        ..ScriptLimits::default()
+    };
     let mut h = try_handler("stats", json!({"max_samples": 100}), &limits).expect("created");
     for n in 0..300_000 {
         h.send(n.to_string().as_bytes())
