@@ -2,6 +2,7 @@
 
 use mlua::{Function, Lua, MultiValue, Table, Value};
 
+use super::context::{Context, Emit, FlushInfo};
 use super::json::{to_lua, write_json};
 use super::sandbox::new_state;
 use super::watchdog;
@@ -21,6 +22,17 @@ pub struct HandlerInstance {
     view: Function,
     dump: Function,
     flush: Option<Function>,
+    /// Built at the first flush of a handler that has `flush`.
+    ctx: Option<Context>,
+}
+
+/// What a flush produced.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Flushed {
+    /// The output as JSON; `None` when the handler's `flush` returned `nil`.
+    pub output: Option<Vec<u8>>,
+    /// Events emitted with `ctx.emit`, in order.
+    pub emits: Vec<Emit>,
 }
 
 struct Module {
@@ -119,6 +131,7 @@ impl HandlerInstance {
             view,
             dump,
             flush,
+            ctx: None,
         })
     }
 
@@ -174,6 +187,45 @@ impl HandlerInstance {
             .guarded("dump", |h| h.dump.call::<Value>(&h.state))?
             .map_err(|e| runtime("dump", &e))?;
         to_json("dump", &v)
+    }
+
+    /// A scheduled flush: `flush(state, ctx)` if the handler has one, else `dump(state)`.
+    /// A `nil` result means there is nothing to output.
+    ///
+    /// # Errors
+    /// [`ScriptError::Runtime`] as for [`view`](Self::view); emits of a failed call are
+    /// discarded.
+    pub fn flush(&mut self, info: &FlushInfo<'_>) -> Result<Flushed, ScriptError> {
+        let Some(flush) = self.flush.clone() else {
+            let output = self.dump()?;
+            return Ok(Flushed {
+                output: (output != b"null").then_some(output),
+                emits: Vec::new(),
+            });
+        };
+        if self.ctx.is_none() {
+            self.ctx = Some(Context::new(&self.lua).map_err(|e| runtime("flush", &e))?);
+        }
+        let ctx = match &self.ctx {
+            Some(ctx) => ctx.prepare(info).map_err(|e| runtime("flush", &e))?.clone(),
+            None => return Err(ScriptError::Runtime("flush: no context".into())),
+        };
+        let v = self.guarded("flush", |h| flush.call::<Value>((&h.state, ctx)));
+        let (emits, suppressed) = self.ctx.as_ref().map(Context::take).unwrap_or_default();
+        if suppressed > 0 {
+            tracing::info!(
+                bucket = info.bucket,
+                "ctx.log: {suppressed} more lines not written"
+            );
+        }
+        let v = v?.map_err(|e| runtime("flush", &e))?;
+        if v.is_nil() {
+            return Ok(Flushed::default());
+        }
+        Ok(Flushed {
+            output: Some(to_json("flush", &v)?),
+            emits,
+        })
     }
 
     /// Runs `call` under the time budget. The outer error means the instance is failed

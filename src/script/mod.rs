@@ -5,13 +5,15 @@
 //! handler thread that owns its bucket); nothing here is async.
 
 mod catalog;
+mod context;
 mod instance;
 mod json;
 mod sandbox;
 mod watchdog;
 
 pub use catalog::{HandlerCatalog, HandlerSource, Origin, MAX_HANDLER_FILE};
-pub use instance::HandlerInstance;
+pub use context::{Emit, FlushInfo, MAX_EMITS, MAX_EMIT_BYTES};
+pub use instance::{Flushed, HandlerInstance};
 pub use json::MAX_DEPTH;
 
 /// Limits applied to each handler instance.

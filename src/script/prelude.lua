@@ -34,6 +34,24 @@ function P.split(s)
   return P.trim(sub(s, 1, sp - 1)), P.trim(sub(s, sp + 1))
 end
 
+-- s split at every occurrence of sep (plain text, not a pattern; default " ") into
+-- an array of parts, which may be empty; at most max parts (default: no limit), the
+-- last holding the rest of s. An empty sep is an error.
+function P.splitall(s, sep, max)
+  sep = sep or " "
+  if sep == "" then error("bucketly.splitall: the separator must not be empty", 2) end
+  local out, n, at = {}, 0, 1
+  while max == nil or n < max - 1 do
+    local i, j = find(s, sep, at, true)
+    if i == nil then break end
+    n = n + 1
+    out[n] = sub(s, at, i - 1)
+    at = j + 1
+  end
+  out[n + 1] = sub(s, at)
+  return out
+end
+
 -- s in double quotes for a message, cut to at most 64 bytes (never inside a
 -- UTF-8 sequence).
 function P.quote(s)

@@ -3,6 +3,7 @@
 
 use mlua::{Lua, LuaOptions, StdLib, Table, Value};
 
+use super::json::{to_lua, write_json};
 use super::watchdog;
 use super::ScriptLimits;
 
@@ -36,9 +37,29 @@ pub(crate) fn new_state(limits: &ScriptLimits) -> mlua::Result<Lua> {
     let string: Table = globals.raw_get("string")?;
     string.raw_set("dump", Value::Nil)?;
     globals.raw_set("bucketly", helpers(&lua)?)?;
+    globals.raw_set("json", json_table(&lua)?)?;
     watchdog::install(&lua)?;
     lua.set_memory_limit(limits.memory)?;
     Ok(lua)
+}
+
+/// `json.encode(v)` (the mapping of handlers/README.md) and `json.decode(s)` (arrays
+/// come back marked as arrays, `null` as `nil`).
+fn json_table(lua: &Lua) -> mlua::Result<Table> {
+    let json = lua.create_table()?;
+    let encode = lua.create_function(|lua, v: Value| {
+        let mut out = Vec::new();
+        write_json(&v, &mut out).map_err(|e| mlua::Error::runtime(format!("json.encode: {e}")))?;
+        lua.create_string(&out)
+    })?;
+    let decode = lua.create_function(|lua, s: mlua::LuaString| {
+        let v: serde_json::Value = serde_json::from_slice(&s.as_bytes())
+            .map_err(|e| mlua::Error::runtime(format!("json.decode: {e}")))?;
+        to_lua(lua, &v)
+    })?;
+    json.raw_set("encode", encode)?;
+    json.raw_set("decode", decode)?;
+    Ok(json)
 }
 
 /// Lua helpers (trim, split, quote, describe) shared by every handler; see the file.
@@ -62,6 +83,13 @@ fn helpers(lua: &Lua) -> mlua::Result<Table> {
         })?;
         t.raw_set(kind, f)?;
     }
+    let time = lua.create_function(|_, ()| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        Ok((now * 1000.0).floor() / 1000.0)
+    })?;
+    t.raw_set("time", time)?;
     Ok(t)
 }
 
