@@ -69,6 +69,10 @@ pub struct Config {
     pub workers: usize,
     /// Serve TLS with this certificate chain and key (PEM files) instead of plain TCP.
     pub tls: Option<TlsFiles>,
+    /// Whether buckets may have exec sinks (commands run at each flush).
+    pub allow_exec: bool,
+    /// Where exec sinks write their run directories; `None`: see [`Config::exec_dir`].
+    pub exec_dir: Option<PathBuf>,
 }
 
 /// A server certificate chain and its private key, as PEM files.
@@ -97,11 +101,24 @@ impl Default for Config {
             lua_time: DEFAULT_LUA_TIME,
             workers: 0,
             tls: None,
+            allow_exec: false,
+            exec_dir: None,
         }
     }
 }
 
 impl Config {
+    /// The directory of exec sink runs: the one configured, or `NAME.exec` beside the
+    /// database file `NAME.redb`.
+    pub fn exec_dir(&self) -> PathBuf {
+        if let Some(dir) = &self.exec_dir {
+            return dir.clone();
+        }
+        let mut dir = self.database.clone();
+        dir.set_extension("exec");
+        dir
+    }
+
     /// The number of handler threads to start.
     pub fn worker_threads(&self) -> usize {
         if self.workers > 0 {

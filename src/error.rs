@@ -25,6 +25,11 @@ pub enum Error {
     /// A server limit.
     #[error("{0}")]
     LimitExceeded(String),
+    /// An exec sink on a daemon started without `--allow-exec`.
+    #[error(
+        "exec sinks are disabled: start bucketlyd with --allow-exec to run commands at flushes"
+    )]
+    ExecDisabled,
     /// The database file failed.
     #[error("storage error: {0}")]
     Storage(String),
@@ -74,6 +79,7 @@ impl Error {
             Error::InvalidArgument(_) => ErrorCode::InvalidArgument,
             Error::Handler(_) => ErrorCode::HandlerError,
             Error::LimitExceeded(_) => ErrorCode::LimitExceeded,
+            Error::ExecDisabled => ErrorCode::ExecDisabled,
             Error::Storage(_) => ErrorCode::StorageError,
             // Request-level: the connection may stay; the listener sends the FATAL one.
             Error::ShuttingDown => ErrorCode::Internal,

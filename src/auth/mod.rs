@@ -99,6 +99,20 @@ impl Session {
         })
     }
 
+    /// A check, for later, of whether this user still holds `permission` on `bucket`
+    /// (false once the user is deleted or the grant revoked).
+    pub fn still_allows(
+        &self,
+        permission: Permission,
+        bucket: &str,
+    ) -> Arc<dyn Fn() -> bool + Send + Sync> {
+        let (user, revoked, bucket) = (self.user.clone(), self.revoked.clone(), bucket.to_owned());
+        Arc::new(move || {
+            !*revoked.borrow()
+                && permission::allows(&user.record.read().grants, permission, Some(&bucket))
+        })
+    }
+
     /// Whether the user may see `bucket` in LIST (holds any grant that matches it).
     pub fn sees(&self, bucket: &str) -> bool {
         permission::sees(&self.user.record.read().grants, bucket)
@@ -150,6 +164,15 @@ pub struct Auth {
 }
 
 impl Auth {
+    /// Whether user `name` exists and holds `permission` on `bucket` now.
+    pub fn allows(&self, name: &str, permission: Permission, bucket: &str) -> bool {
+        let Some(user) = self.users.read().get(name).cloned() else {
+            return false;
+        };
+        let grants = &user.record.read().grants;
+        permission::allows(grants, permission, Some(bucket))
+    }
+
     /// Loads the users; on an empty database creates `admin`/`admin` with every
     /// permission. Blocking (hashes a password): call it off the async runtime.
     ///

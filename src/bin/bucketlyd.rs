@@ -1,5 +1,5 @@
 //! `bucketlyd`: the daemon. Parses the command line, sets up logging and runs
-//! [`bucketly::server::Server`] until SIGINT or SIGTERM.
+//! [`bucketly::server::Server`] until SIGINT or SIGTERM; SIGHUP reloads handler files.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -37,6 +37,20 @@ struct Args {
     /// Handler threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     workers: usize,
+    /// Time budget of one handler call, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = config::DEFAULT_LUA_TIME.as_millis() as u64,
+          value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    handler_time_ms: u64,
+    /// Memory limit of one bucket's handler state, in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = (config::DEFAULT_LUA_MEMORY >> 20) as u64,
+          value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    handler_memory_mib: u64,
+    /// Allow exec sinks: buckets (created by an admin) may run commands at each flush.
+    #[arg(long)]
+    allow_exec: bool,
+    /// Where exec sinks write their run directories [default: NAME.exec beside the database NAME.redb].
+    #[arg(long, value_name = "DIR")]
+    exec_dir: Option<PathBuf>,
     /// Serve TLS with this certificate chain (PEM); needs --tls-key.
     #[arg(long, value_name = "FILE", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -62,6 +76,10 @@ fn main() -> ExitCode {
         max_connections: args.max_connections,
         max_buckets: args.max_buckets,
         workers: args.workers,
+        lua_time: std::time::Duration::from_millis(args.handler_time_ms),
+        lua_memory: (args.handler_memory_mib as usize) << 20,
+        allow_exec: args.allow_exec,
+        exec_dir: args.exec_dir,
         tls: match (args.tls_cert, args.tls_key) {
             (Some(cert), Some(key)) => Some(config::TlsFiles { cert, key }),
             _ => None,
@@ -104,9 +122,29 @@ async fn serve(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    reload_on_sighup(server.engine().clone());
     server.run(shutdown_signal()).await;
     tracing::info!("stopped");
     ExitCode::SUCCESS
+}
+
+/// SIGHUP reads the handler files again (for buckets created afterwards).
+fn reload_on_sighup(engine: std::sync::Arc<bucketly::engine::Engine>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; use `bucketly handler reload`");
+            return;
+        };
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                if let Err(e) = engine.reload() {
+                    tracing::warn!("SIGHUP: {e}");
+                }
+            }
+        });
+    }
 }
 
 async fn shutdown_signal() {

@@ -1,7 +1,7 @@
 //! The client's socket tasks: a writer that coalesces queued frames into few writes, and
 //! a reader that hands each answer to the oldest waiting request.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -38,6 +38,14 @@ struct Pending {
 
 type Waiting = Arc<Mutex<Pending>>;
 
+/// What a subscription receives: an output (JSON), or why it ended.
+pub(super) type SubEvent = Result<Bytes, ClientError>;
+
+/// Live subscriptions by id: the reader hands each PUSH to its subscription, waiting
+/// while that subscription's queue is full (so a slow consumer slows the socket, and
+/// the server disconnects it rather than buffering without bound).
+pub(super) type Subscriptions = Arc<Mutex<HashMap<u32, mpsc::Sender<SubEvent>>>>;
+
 /// Why the connection ended: the server's FATAL, another error, or a plain close.
 enum Fate {
     Server { code: u16, message: String },
@@ -69,7 +77,7 @@ impl Fate {
 /// Handshakes, then spawns the reader and writer tasks.
 pub(super) async fn start<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     mut socket: S,
-) -> Result<(ServerHello, mpsc::Sender<Outgoing>), ClientError> {
+) -> Result<(ServerHello, mpsc::Sender<Outgoing>, Subscriptions), ClientError> {
     let mut out = BytesMut::new();
     ClientHello::v1().encode(&mut out);
     socket.write_all(&out).await?;
@@ -93,9 +101,10 @@ pub(super) async fn start<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     let (rd, wr) = tokio::io::split(socket);
     let (tx, rx) = mpsc::channel(256);
     let waiting: Waiting = Default::default();
+    let subs: Subscriptions = Default::default();
     tokio::spawn(write_loop(wr, rx, waiting.clone()));
-    tokio::spawn(read_loop(rd, buf, waiting));
-    Ok((hello, tx))
+    tokio::spawn(read_loop(rd, buf, waiting, subs.clone()));
+    Ok((hello, tx, subs))
 }
 
 async fn read_response(
@@ -152,7 +161,12 @@ async fn write_loop<W: AsyncWrite>(
     let _ = wr.shutdown().await;
 }
 
-async fn read_loop<R: AsyncRead>(mut rd: ReadHalf<R>, mut buf: BytesMut, waiting: Waiting) {
+async fn read_loop<R: AsyncRead>(
+    mut rd: ReadHalf<R>,
+    mut buf: BytesMut,
+    waiting: Waiting,
+    subs: Subscriptions,
+) {
     let failure = loop {
         let response = match read_response(&mut rd, &mut buf).await {
             Ok(Some(r)) => r,
@@ -165,6 +179,10 @@ async fn read_loop<R: AsyncRead>(mut rd: ReadHalf<R>, mut buf: BytesMut, waiting
                 _ => ClientError::Protocol("malformed fatal answer".into()),
             };
             break Some(err);
+        }
+        if matches!(response.status, Status::Push | Status::End) {
+            deliver(&subs, response).await;
+            continue;
         }
         let Some(Outgoing { id, reply, .. }) = waiting.lock().queue.pop_front() else {
             break Some(ClientError::Protocol(format!(
@@ -188,5 +206,30 @@ async fn read_loop<R: AsyncRead>(mut rd: ReadHalf<R>, mut buf: BytesMut, waiting
     for Outgoing { reply, .. } in pending.queue.drain(..) {
         let _ = reply.send(Err(fate.error()));
     }
+    let ended: Vec<_> = subs.lock().drain().map(|(_, tx)| tx).collect();
+    for tx in ended {
+        let _ = tx.try_send(Err(fate.error()));
+    }
     pending.fate = Some(fate);
+}
+
+/// Hands a PUSH or END to its subscription; one nobody listens to any more is
+/// forgotten.
+async fn deliver(subs: &Subscriptions, response: Response) {
+    let id = response.id;
+    let end = response.status == Status::End;
+    let tx = if end {
+        subs.lock().remove(&id)
+    } else {
+        subs.lock().get(&id).cloned()
+    };
+    let Some(tx) = tx else { return };
+    let event = match response.failure() {
+        Ok(None) => Ok(response.payload),
+        Ok(Some((code, message))) => Err(ClientError::Server { code, message }),
+        Err(e) => Err(ClientError::Protocol(e.to_string())),
+    };
+    if tx.send(event).await.is_err() {
+        subs.lock().remove(&id);
+    }
 }

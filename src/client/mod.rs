@@ -25,7 +25,10 @@ use tokio::sync::{oneshot, Semaphore};
 pub use error::ClientError;
 
 use crate::protocol::{Command, Request, Response, Secret, SendBatch, SendOutcome, ServerHello};
-use connection::Outgoing;
+use connection::{Outgoing, SubEvent, Subscriptions};
+
+/// Outputs a [`Subscription`] buffers before the connection stops reading.
+pub const SUBSCRIPTION_BUFFER: usize = 256;
 
 /// Requests one client keeps in flight by default; more wait for an answer.
 pub const DEFAULT_CLIENT_IN_FLIGHT: usize = 1024;
@@ -38,6 +41,7 @@ pub struct Client {
 
 struct Inner {
     tx: tokio::sync::mpsc::Sender<Outgoing>,
+    subs: Subscriptions,
     next_id: AtomicU32,
     hello: ServerHello,
     in_flight: Arc<Semaphore>,
@@ -65,6 +69,52 @@ impl PendingReply {
     }
 }
 
+/// A live subscription: the flush outputs of one bucket, in order.
+pub struct Subscription {
+    id: u32,
+    rx: tokio::sync::mpsc::Receiver<SubEvent>,
+    client: Client,
+}
+
+impl Subscription {
+    /// The subscription's id (its SUBSCRIBE request id).
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// The next output record (JSON text: `{"bucket","events","output","seq","time_ms"}`).
+    /// `Some(Err)` once the subscription ended (the bucket was dropped, the permission
+    /// revoked, the connection closed); `None` after that.
+    pub async fn next(&mut self) -> Option<Result<Bytes, ClientError>> {
+        self.rx.recv().await
+    }
+
+    /// [`Subscription::next`], parsed.
+    pub async fn next_json(&mut self) -> Option<Result<serde_json::Value, ClientError>> {
+        let item = self.next().await?;
+        Some(item.and_then(|b| {
+            serde_json::from_slice(&b)
+                .map_err(|e| ClientError::Protocol(format!("output is not JSON: {e}")))
+        }))
+    }
+
+    /// UNSUBSCRIBE: the server sends nothing more for it after its OK.
+    ///
+    /// # Errors
+    /// The server's error, or a connection error.
+    pub async fn unsubscribe(self) -> Result<(), ClientError> {
+        let result = self
+            .client
+            .call(Command::Unsubscribe {
+                subscription: self.id,
+            })
+            .await
+            .map(|_| ());
+        self.client.inner.subs.lock().remove(&self.id);
+        result
+    }
+}
+
 impl Client {
     /// Connects and performs the handshake.
     ///
@@ -84,8 +134,8 @@ impl Client {
     ) -> Result<Client, ClientError> {
         let socket = TcpStream::connect(addr).await?;
         let _ = socket.set_nodelay(true);
-        let (hello, tx) = connection::start(socket).await?;
-        Ok(Client::from_parts(hello, tx, max_in_flight))
+        let (hello, tx, subs) = connection::start(socket).await?;
+        Ok(Client::from_parts(hello, tx, subs, max_in_flight))
     }
 
     /// Connects over TLS to `host:port`, verifying the server's certificate against the
@@ -111,18 +161,25 @@ impl Client {
             .map_err(|e| {
                 ClientError::Tls(format!("TLS handshake with {host}:{port} failed: {e}"))
             })?;
-        let (hello, tx) = connection::start(stream).await?;
-        Ok(Client::from_parts(hello, tx, DEFAULT_CLIENT_IN_FLIGHT))
+        let (hello, tx, subs) = connection::start(stream).await?;
+        Ok(Client::from_parts(
+            hello,
+            tx,
+            subs,
+            DEFAULT_CLIENT_IN_FLIGHT,
+        ))
     }
 
     fn from_parts(
         hello: ServerHello,
         tx: tokio::sync::mpsc::Sender<Outgoing>,
+        subs: Subscriptions,
         max_in_flight: usize,
     ) -> Client {
         Client {
             inner: Arc::new(Inner {
                 tx,
+                subs,
                 next_id: AtomicU32::new(1),
                 hello,
                 in_flight: Arc::new(Semaphore::new(max_in_flight.max(1))),
@@ -143,6 +200,10 @@ impl Client {
     /// [`ClientError::Closed`].
     pub async fn start(&self, command: Command) -> Result<PendingReply, ClientError> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        self.start_as(id, command).await
+    }
+
+    async fn start_as(&self, id: u32, command: Command) -> Result<PendingReply, ClientError> {
         let mut frame = BytesMut::new();
         Request { id, command }.encode(&mut frame);
         let max = self.inner.hello.max_frame as usize;
@@ -323,6 +384,89 @@ impl Client {
         })
         .await
         .map(|_| ())
+    }
+
+    /// CREATE with bucket options (schedule and sinks, see PROTOCOL.md), for example
+    /// `{"every": 60}` or `{"threshold": 100, "timeout": 2, "forward": "totals"}`.
+    ///
+    /// # Errors
+    /// As [`Client::create`], and INVALID_ARGUMENT for bad options.
+    pub async fn create_with(
+        &self,
+        bucket: &str,
+        handler: &str,
+        config: Option<&serde_json::Value>,
+        options: &serde_json::Value,
+    ) -> Result<(), ClientError> {
+        let config = config.map(|c| c.to_string()).unwrap_or_default();
+        self.call(Command::Create {
+            bucket: bucket.into(),
+            handler: handler.into(),
+            config: config.into(),
+            options: options.to_string().into(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// ALTER a bucket's options: each key of `changes` replaces that option, `null`
+    /// removes it. The aggregate and the events not yet flushed are kept.
+    ///
+    /// # Errors
+    /// The server's error (NO_SUCH_BUCKET, INVALID_ARGUMENT, PERMISSION_DENIED, ...).
+    pub async fn alter(
+        &self,
+        bucket: &str,
+        changes: &serde_json::Value,
+    ) -> Result<(), ClientError> {
+        self.call(Command::Alter {
+            bucket: bucket.into(),
+            options: changes.to_string().into(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// RELOAD the server's handler files (admin): `{"handlers": [...], "warnings": [...]}`.
+    ///
+    /// # Errors
+    /// The server's error.
+    pub async fn reload(&self) -> Result<serde_json::Value, ClientError> {
+        self.call_json(Command::Reload).await
+    }
+
+    /// SUBSCRIBE to a bucket's flush outputs. Outputs produced after the server's OK
+    /// arrive on the returned [`Subscription`] in order.
+    ///
+    /// # Errors
+    /// The server's error (NO_SUCH_BUCKET, PERMISSION_DENIED, LIMIT_EXCEEDED, ...).
+    pub async fn subscribe(&self, bucket: &str) -> Result<Subscription, ClientError> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::mpsc::channel(SUBSCRIPTION_BUFFER);
+        // Registered before the request leaves: its first output can follow the OK
+        // in the same read.
+        self.inner.subs.lock().insert(id, tx);
+        let answer = match self
+            .start_as(
+                id,
+                Command::Subscribe {
+                    bucket: bucket.into(),
+                },
+            )
+            .await
+        {
+            Ok(pending) => pending.wait().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = answer {
+            self.inner.subs.lock().remove(&id);
+            return Err(e);
+        }
+        Ok(Subscription {
+            id,
+            rx,
+            client: self.clone(),
+        })
     }
 
     /// DROP a bucket.

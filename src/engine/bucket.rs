@@ -11,6 +11,9 @@ use crate::error::Error;
 use crate::protocol::{Response, SendBatch};
 use crate::store::BucketSpec;
 
+use super::exec::ExecStats;
+use super::options::BucketOptions;
+use super::subscribers::Subscriber;
 use super::worker::WorkerMsg;
 
 /// Where the actor sends its answer to one request.
@@ -43,6 +46,34 @@ pub enum BucketMsg {
         /// Where the answer goes.
         reply: Reply,
     },
+    /// Events another bucket's flush sent here (`forward` or `ctx.emit`); no answer.
+    Forwarded {
+        /// The events.
+        batch: SendBatch,
+        /// Flushes the events went through on their way here (bounds loops).
+        hops: u8,
+    },
+    /// Start sending this subscriber the bucket's outputs.
+    Subscribe {
+        /// Request id.
+        id: u32,
+        /// The subscriber.
+        subscriber: Subscriber,
+        /// Where the answer goes.
+        reply: Reply,
+    },
+    /// Forget subscription `sub` of the connection `key`; no answer.
+    Unsubscribe {
+        /// [`super::PushSink::key`] of the connection.
+        key: usize,
+        /// The SUBSCRIBE request's id.
+        sub: u32,
+    },
+    /// New options (ALTER): the schedule and sinks change, the state stays.
+    Reconfigure {
+        /// The checked options.
+        options: BucketOptions,
+    },
     /// The bucket was dropped: the actor answers what is queued before this and ends.
     Stop,
 }
@@ -64,6 +95,26 @@ pub struct BucketStats {
     pub dumps: AtomicU64,
     /// Bytes used by the Lua state after the last message.
     pub memory: AtomicU64,
+    /// Scheduled flushes that ran (including those with nothing to output).
+    pub flushes: AtomicU64,
+    /// Outputs produced (the last one's `seq`).
+    pub outputs: AtomicU64,
+    /// Flushes whose handler call failed (the events stay for the next one).
+    pub flush_errors: AtomicU64,
+    /// Live subscribers.
+    pub subscribers: AtomicU64,
+    /// Subscribers disconnected for falling behind.
+    pub lagged: AtomicU64,
+    /// Events sent on to other buckets (`forward` and `ctx.emit`).
+    pub forwarded: AtomicU64,
+    /// Events that could not be sent on (no such bucket, no permission, loop, overflow).
+    pub forward_dropped: AtomicU64,
+    /// Events received from other buckets.
+    pub received: AtomicU64,
+    /// Events waiting for the next flush.
+    pub pending: AtomicU64,
+    /// Why the bucket's handler is failed (time budget), if it is.
+    pub failure: parking_lot::Mutex<Option<String>>,
 }
 
 /// State shared by a bucket's handle and its actor.
@@ -74,6 +125,8 @@ pub struct BucketShared {
     pub(crate) scheduled: AtomicBool,
     /// Counters for INFO.
     pub stats: BucketStats,
+    /// Counters of the exec sink.
+    pub exec: Arc<ExecStats>,
 }
 
 /// A cloneable reference to one bucket.
@@ -81,8 +134,10 @@ pub struct BucketHandle {
     pub(crate) id: u64,
     /// Bucket name.
     pub name: String,
-    /// Configuration as created (and stored).
+    /// Configuration as created or last altered (and stored).
     pub spec: BucketSpec,
+    /// `spec.options`, checked.
+    pub options: BucketOptions,
     /// Index of the handler thread that owns the bucket.
     pub worker_index: usize,
     pub(crate) tx: mpsc::Sender<BucketMsg>,
@@ -102,12 +157,29 @@ impl BucketHandle {
             .send(msg)
             .await
             .map_err(|_| Error::NoSuchBucket(self.name.clone()))?;
+        self.wake();
+        Ok(())
+    }
+
+    /// Queues `msg` without waiting; gives it back if the mailbox is full or the bucket
+    /// gone (`None` then).
+    pub(crate) fn try_post(&self, msg: BucketMsg) -> Result<(), Option<BucketMsg>> {
+        match self.tx.try_send(msg) {
+            Ok(()) => {
+                self.wake();
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Full(msg)) => Err(Some(msg)),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(None),
+        }
+    }
+
+    fn wake(&self) {
         // The thread clears `scheduled` before draining the mailbox, so either it sees
         // our message or we see `false` here and wake it. A spare wake-up is harmless.
         if !self.shared.scheduled.swap(true, Ordering::AcqRel) {
             let _ = self.worker.send(WorkerMsg::Run(self.id));
         }
-        Ok(())
     }
 
     /// Messages waiting in the mailbox.

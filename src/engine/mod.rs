@@ -1,15 +1,21 @@
 //! The engine: the registry of buckets, the handler threads that run them, and the
-//! commands that change them (CREATE, DROP) or describe them (LIST, INFO).
+//! commands that change them (CREATE, ALTER, DROP) or describe them (LIST, INFO).
 //!
 //! Invariant: a bucket is in `Registry::buckets` only after its handler's `init` ran
 //! and its spec is on disk; while that happens its name is held in `creating`.
 
+mod actor;
 mod bucket;
+mod exec;
+mod options;
 mod stats;
+mod subscribers;
+mod trigger;
 mod worker;
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -17,32 +23,52 @@ use parking_lot::RwLock;
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
+pub use actor::{EXEC_MAX_PENDING_BYTES, EXEC_MAX_PENDING_EVENTS, MAX_HOPS, MAX_OUTBOX_EVENTS};
 pub use bucket::{
     validate_bucket_name, BucketHandle, BucketMsg, BucketShared, Reply, MAX_BUCKET_NAME,
 };
+pub use exec::{ExecStats, MAX_KEPT_RUNS, QUEUE_RUNS};
+pub use options::{requested_sinks, BucketOptions, Schedule};
 pub use stats::ServerStats;
+pub use subscribers::{
+    push_channel, Push, PushKind, PushSink, PushStream, StillAllowed, Subscriber,
+    MAX_SUBSCRIBERS_PER_BUCKET, MAX_SUBSCRIPTIONS_PER_CONNECTION, PUSH_QUEUE, PUSH_QUEUE_BYTES,
+};
 
 use crate::config::Config;
 use crate::error::Error;
 use crate::script::{HandlerCatalog, ScriptLimits};
 use crate::store::{BucketSpec, Store};
+use actor::ActorEnv;
 use worker::{CreateMsg, WorkerMsg, WorkerPool};
 
+/// Whether user `.0` may send to bucket `.1`; asked before a flush delivers events to
+/// another bucket on behalf of the bucket's owner.
+pub type SendCheck = Arc<dyn Fn(&str, &str) -> bool + Send + Sync>;
+
 #[derive(Default)]
-struct Registry {
-    buckets: HashMap<String, Arc<BucketHandle>>,
+pub(crate) struct Registry {
+    pub(crate) buckets: HashMap<String, Arc<BucketHandle>>,
     creating: HashSet<String>,
+}
+
+/// Where handler files come from, for RELOAD.
+struct HandlerDir {
+    dir: PathBuf,
+    required: bool,
 }
 
 /// Buckets, handler threads and the database, shared by every connection.
 pub struct Engine {
-    registry: RwLock<Registry>,
+    registry: Arc<RwLock<Registry>>,
     workers: WorkerPool,
     store: Arc<Store>,
-    catalog: HandlerCatalog,
+    catalog: RwLock<Arc<HandlerCatalog>>,
+    handler_dir: HandlerDir,
     limits: ScriptLimits,
     mailbox: usize,
     max_buckets: usize,
+    allow_exec: bool,
     next_id: AtomicU64,
     /// Server-wide counters.
     pub stats: ServerStats,
@@ -66,22 +92,39 @@ impl Engine {
     ///
     /// # Errors
     /// If a thread cannot be spawned.
+    ///
+    /// Call it inside a tokio runtime: exec sinks run their commands on it.
     pub fn new(
         config: &Config,
         store: Arc<Store>,
         catalog: HandlerCatalog,
+        may_send: SendCheck,
     ) -> std::io::Result<Engine> {
+        let registry = Arc::new(RwLock::new(Registry::default()));
+        let runtime = tokio::runtime::Handle::try_current().map_err(std::io::Error::other)?;
+        let env = Arc::new(ActorEnv {
+            registry: registry.clone(),
+            may_send,
+            runtime,
+            // Absolute: commands run in their run directory and get these paths.
+            exec_dir: std::path::absolute(config.exec_dir())?,
+        });
         Ok(Engine {
-            registry: RwLock::new(Registry::default()),
-            workers: WorkerPool::start(config.worker_threads())?,
+            registry,
+            workers: WorkerPool::start(config.worker_threads(), env)?,
             store,
-            catalog,
+            catalog: RwLock::new(Arc::new(catalog)),
+            handler_dir: HandlerDir {
+                dir: config.handlers_dir.clone(),
+                required: config.handlers_dir_required,
+            },
             limits: ScriptLimits {
                 memory: config.lua_memory,
                 time: config.lua_time,
             },
             mailbox: config.mailbox.max(1),
             max_buckets: config.max_buckets,
+            allow_exec: config.allow_exec,
             next_id: AtomicU64::new(1),
             stats: ServerStats::new(config),
         })
@@ -122,17 +165,20 @@ impl Engine {
     }
 
     /// CREATE: validates, runs the handler's `init` on the bucket's thread, stores the
-    /// spec, then publishes the bucket.
+    /// spec, then publishes the bucket. `owner` is the creating user: events the bucket
+    /// forwards or emits are sent with that user's permissions.
     ///
     /// # Errors
-    /// `InvalidArgument` (name, config or options), `NoSuchHandler`, `BucketExists`,
-    /// `LimitExceeded`, `HandlerError` (init failed) or `StorageError`.
+    /// `InvalidArgument` (name, config or options, a forward loop), `ExecDisabled`,
+    /// `NoSuchHandler`, `BucketExists`, `LimitExceeded`, `HandlerError` (init failed)
+    /// or `StorageError`.
     pub async fn create(
         &self,
         name: &str,
         handler: &str,
         config: &[u8],
         options: &[u8],
+        owner: &str,
     ) -> Result<(), Error> {
         validate_bucket_name(name)?;
         let config = match config {
@@ -140,14 +186,48 @@ impl Engine {
             text => serde_json::from_slice(text)
                 .map_err(|e| Error::InvalidArgument(format!("config is not valid JSON: {e}")))?,
         };
-        let options = parse_options(options)?;
+        let options = BucketOptions::parse(options)?;
+        self.check_options(name, &options)?;
         let spec = BucketSpec {
             handler: handler.to_owned(),
             config,
-            options,
+            options: options.to_map(),
             created_ms: now_ms(),
+            owner: owner.to_owned(),
         };
         self.start_bucket(name.to_owned(), spec, true).await
+    }
+
+    /// What the server allows beyond the options' own rules: exec only with
+    /// `--allow-exec`, and no forward chain that leads back to the bucket.
+    fn check_options(&self, name: &str, options: &BucketOptions) -> Result<(), Error> {
+        if options.exec.is_some() && !self.allow_exec {
+            return Err(Error::ExecDisabled);
+        }
+        let Some(first) = &options.forward else {
+            return Ok(());
+        };
+        let reg = self.registry.read();
+        let mut chain = vec![name.to_owned()];
+        let mut next = Some(first.clone());
+        while let Some(target) = next {
+            let looped = target == name;
+            chain.push(target.clone());
+            if looped {
+                return Err(Error::InvalidArgument(format!(
+                    "forward loop: {}",
+                    chain.join(" -> ")
+                )));
+            }
+            if chain.len() > reg.buckets.len() + 2 {
+                break; // a loop elsewhere in the chain, not through this bucket
+            }
+            next = reg
+                .buckets
+                .get(&target)
+                .and_then(|h| h.options.forward.clone());
+        }
+        Ok(())
     }
 
     async fn start_bucket(
@@ -156,8 +236,13 @@ impl Engine {
         spec: BucketSpec,
         persist: bool,
     ) -> Result<(), Error> {
+        let options = BucketOptions::from_value(serde_json::Value::Object(spec.options.clone()))?;
+        if options.exec.is_some() && !self.allow_exec {
+            return Err(Error::ExecDisabled);
+        }
         let handler = self
             .catalog
+            .read()
             .get(&spec.handler)
             .ok_or_else(|| Error::NoSuchHandler(spec.handler.clone()))?;
         let _reservation = self.reserve(&name)?;
@@ -169,6 +254,9 @@ impl Engine {
         let (reply, initialised) = oneshot::channel();
         let create = CreateMsg {
             id,
+            name: name.clone(),
+            owner: spec.owner.clone(),
+            options: options.clone(),
             handler,
             config: spec.config.clone(),
             limits: self.limits.clone(),
@@ -184,6 +272,7 @@ impl Engine {
             id,
             name: name.clone(),
             spec,
+            options,
             worker_index,
             tx,
             worker,
@@ -247,6 +336,79 @@ impl Engine {
         handle.post(BucketMsg::Stop).await
     }
 
+    /// The options ALTER would give bucket `name` for `changes` (checked).
+    ///
+    /// # Errors
+    /// `NoSuchBucket`, `InvalidArgument`, `ExecDisabled`.
+    pub fn altered_options(&self, name: &str, changes: &[u8]) -> Result<BucketOptions, Error> {
+        let options = self.bucket(name)?.options.altered(changes)?;
+        self.check_options(name, &options)?;
+        Ok(options)
+    }
+
+    /// ALTER: stores `options` (from [`Engine::altered_options`]) as the bucket's, then
+    /// hands them to its actor, which keeps its state and its pending events.
+    ///
+    /// # Errors
+    /// `NoSuchBucket` or `StorageError` (the bucket then keeps its old options).
+    pub async fn alter(&self, name: &str, options: BucketOptions) -> Result<(), Error> {
+        let old = self.bucket(name)?;
+        let spec = BucketSpec {
+            options: options.to_map(),
+            ..old.spec.clone()
+        };
+        let (key, stored) = (name.to_owned(), spec.clone());
+        self.store
+            .blocking(move |s| s.put_bucket(&key, &stored))
+            .await
+            .map_err(|e| Error::Storage(e.to_string()))?;
+        let handle = Arc::new(BucketHandle {
+            id: old.id,
+            name: old.name.clone(),
+            spec,
+            options: options.clone(),
+            worker_index: old.worker_index,
+            tx: old.tx.clone(),
+            worker: old.worker.clone(),
+            shared: old.shared.clone(),
+        });
+        {
+            let mut reg = self.registry.write();
+            match reg.buckets.get(name) {
+                Some(h) if h.id == old.id => reg.buckets.insert(name.to_owned(), handle.clone()),
+                _ => return Err(Error::NoSuchBucket(name.to_owned())),
+            };
+        }
+        handle.post(BucketMsg::Reconfigure { options }).await
+    }
+
+    /// Reads the handler files again. Buckets created afterwards use the new files;
+    /// existing buckets keep running the code they were created with.
+    ///
+    /// # Errors
+    /// `InvalidArgument` if the handlers directory cannot be read (the handlers stay
+    /// as they were).
+    pub fn reload(&self) -> Result<serde_json::Value, Error> {
+        let HandlerDir { dir, required } = &self.handler_dir;
+        let (catalog, warnings) = if !dir.is_dir() && !required {
+            (HandlerCatalog::stock(), Vec::new())
+        } else {
+            HandlerCatalog::with_dir(dir).map_err(|e| {
+                Error::InvalidArgument(format!(
+                    "cannot read handlers directory {}: {e}",
+                    dir.display()
+                ))
+            })?
+        };
+        for w in &warnings {
+            tracing::warn!("{w}");
+        }
+        let names: Vec<String> = catalog.iter().map(|h| h.name.clone()).collect();
+        tracing::info!(handlers = ?names, "handlers reloaded");
+        *self.catalog.write() = Arc::new(catalog);
+        Ok(json!({"handlers": names, "warnings": warnings}))
+    }
+
     /// LIST: every bucket `visible` accepts, as `{"name", "handler"}`, sorted by name.
     pub fn list_json(&self, visible: impl Fn(&str) -> bool) -> Vec<u8> {
         let mut rows: Vec<_> = self
@@ -287,6 +449,7 @@ impl Engine {
                 v["handler_threads"] = json!(self.workers.len());
                 v["handlers"] = json!(self
                     .catalog
+                    .read()
                     .iter()
                     .map(|h| h.name.clone())
                     .collect::<Vec<_>>());
@@ -322,30 +485,20 @@ fn bucket_info(h: &BucketHandle) -> serde_json::Value {
         "queue_capacity": h.queue_capacity(),
         "memory_bytes": load(&s.memory),
         "handler_thread": h.worker_index,
+        "options": h.spec.options,
+        "owner": h.spec.owner,
+        "pending": load(&s.pending),
+        "flushes": load(&s.flushes),
+        "outputs": load(&s.outputs),
+        "flush_errors": load(&s.flush_errors),
+        "subscribers": load(&s.subscribers),
+        "subscribers_lagged": load(&s.lagged),
+        "forwarded": load(&s.forwarded),
+        "forward_dropped": load(&s.forward_dropped),
+        "received": load(&s.received),
+        "failed": *s.failure.lock(),
+        "exec": h.options.exec.is_some().then(|| h.shared.exec.to_json()),
     })
-}
-
-/// Bucket options accepted by CREATE. None exist in this release; the field is there so
-/// later ones (durability, triggers) need no new wire layout.
-const KNOWN_OPTIONS: [&str; 0] = [];
-
-fn parse_options(options: &[u8]) -> Result<serde_json::Map<String, serde_json::Value>, Error> {
-    if options.is_empty() {
-        return Ok(Default::default());
-    }
-    let value: serde_json::Value = serde_json::from_slice(options)
-        .map_err(|e| Error::InvalidArgument(format!("options are not valid JSON: {e}")))?;
-    let serde_json::Value::Object(map) = value else {
-        return Err(Error::InvalidArgument(
-            "options must be a JSON object".into(),
-        ));
-    };
-    if let Some(unknown) = map.keys().find(|k| !KNOWN_OPTIONS.contains(&k.as_str())) {
-        return Err(Error::InvalidArgument(format!(
-            "unknown bucket option {unknown:?}"
-        )));
-    }
-    Ok(map)
 }
 
 fn worker_for(name: &str, n: usize) -> usize {

@@ -4,22 +4,30 @@
 //!
 //! ```text
 //!  connection ──post──▶ bucket mailbox (bounded) ──┐
-//!                                                  ├─ Run(id) ─▶ thread queue ─▶ actor.run()
+//!                                                  ├─ Run(id) ─▶ thread queue ─▶ actor.handle()
 //!  connection ──post──▶ bucket mailbox (bounded) ──┘   (at most one Run per bucket queued)
+//!
+//!  thread timers (min-heap of deadlines) ──when due──▶ actor.tick()  (flushes, retries)
 //! ```
+//!
+//! The thread waits on its queue until the earliest deadline of its buckets, so
+//! scheduled flushes need no other thread and no tokio timer.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::Error;
-use crate::protocol::{Response, SendOutcome};
 use crate::script::{HandlerInstance, HandlerSource, ScriptLimits};
 
+use super::actor::{Actor, ActorEnv};
 use super::bucket::{BucketMsg, BucketShared};
+use super::options::BucketOptions;
 
 /// Messages a bucket runs before yielding its thread to other buckets.
 const RUN_BUDGET: usize = 64;
@@ -39,6 +47,9 @@ pub(crate) enum WorkerMsg {
 /// Everything a thread needs to start a bucket.
 pub(crate) struct CreateMsg {
     pub id: u64,
+    pub name: String,
+    pub owner: String,
+    pub options: BucketOptions,
     pub handler: Arc<HandlerSource>,
     pub config: serde_json::Value,
     pub limits: ScriptLimits,
@@ -56,18 +67,21 @@ pub(crate) struct WorkerPool {
 
 impl WorkerPool {
     /// Starts `n` threads.
-    pub fn start(n: usize) -> std::io::Result<WorkerPool> {
+    pub fn start(n: usize, env: Arc<ActorEnv>) -> std::io::Result<WorkerPool> {
         let mut senders = Vec::with_capacity(n);
         let mut threads = Vec::with_capacity(n);
         for i in 0..n {
             let (tx, rx) = crossbeam_channel::unbounded();
             let me = tx.clone();
+            let env = env.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("bucketly-handler-{i}"))
                 .spawn(move || {
                     Worker {
                         me,
+                        env,
                         actors: HashMap::new(),
+                        timers: BinaryHeap::new(),
                     }
                     .run(rx)
                 })?;
@@ -102,24 +116,74 @@ impl WorkerPool {
     }
 }
 
-struct Actor {
-    instance: HandlerInstance,
-    mailbox: mpsc::Receiver<BucketMsg>,
-    shared: Arc<BucketShared>,
+/// A bucket on its thread, and the deadline it is armed for in the thread's heap.
+struct Slot {
+    actor: Actor,
+    armed: Option<Instant>,
 }
 
 struct Worker {
     me: crossbeam_channel::Sender<WorkerMsg>,
-    actors: HashMap<u64, Actor>,
+    env: Arc<ActorEnv>,
+    actors: HashMap<u64, Slot>,
+    /// Deadlines of this thread's buckets. An entry whose bucket has since been armed
+    /// for another instant (or dropped) is stale and skipped when it comes up.
+    timers: BinaryHeap<Reverse<(Instant, u64)>>,
 }
 
 impl Worker {
     fn run(mut self, rx: crossbeam_channel::Receiver<WorkerMsg>) {
-        while let Ok(msg) = rx.recv() {
+        loop {
+            let msg = match self.timers.peek() {
+                Some(Reverse((deadline, _))) => match rx.recv_deadline(*deadline) {
+                    Ok(msg) => Some(msg),
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => None,
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+                },
+                None => match rx.recv() {
+                    Ok(msg) => Some(msg),
+                    Err(_) => break,
+                },
+            };
             match msg {
-                WorkerMsg::Run(id) => self.run_bucket(id),
-                WorkerMsg::Create(create) => self.create(*create),
-                WorkerMsg::Shutdown => break,
+                Some(WorkerMsg::Run(id)) => self.run_bucket(id),
+                Some(WorkerMsg::Create(create)) => self.create(*create),
+                Some(WorkerMsg::Shutdown) => break,
+                None => {}
+            }
+            self.fire_timers();
+        }
+    }
+
+    fn fire_timers(&mut self) {
+        let now = Instant::now();
+        while let Some(&Reverse((deadline, id))) = self.timers.peek() {
+            if deadline > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(slot) = self.actors.get_mut(&id) else {
+                continue;
+            };
+            if slot.armed != Some(deadline) {
+                continue;
+            }
+            slot.armed = None;
+            slot.actor.tick(&self.env, now);
+            self.arm(id);
+        }
+    }
+
+    /// Puts the bucket's next wake-up in the heap if it changed.
+    fn arm(&mut self, id: u64) {
+        let Some(slot) = self.actors.get_mut(&id) else {
+            return;
+        };
+        let wakeup = slot.actor.wakeup();
+        if wakeup != slot.armed {
+            slot.armed = wakeup;
+            if let Some(at) = wakeup {
+                self.timers.push(Reverse((at, id)));
             }
         }
     }
@@ -132,14 +196,11 @@ impl Worker {
                     .stats
                     .memory
                     .store(instance.memory_used() as u64, Ordering::Relaxed);
-                self.actors.insert(
-                    c.id,
-                    Actor {
-                        instance,
-                        mailbox: c.mailbox,
-                        shared: c.shared,
-                    },
+                let actor = Actor::new(
+                    c.name, c.owner, instance, c.mailbox, c.shared, c.options, &self.env,
                 );
+                self.actors.insert(c.id, Slot { actor, armed: None });
+                self.arm(c.id);
                 Ok(())
             }
             Err(e) => Err(Error::Handler(e.to_string())),
@@ -151,79 +212,30 @@ impl Worker {
     }
 
     fn run_bucket(&mut self, id: u64) {
-        let Some(actor) = self.actors.get_mut(&id) else {
+        let Some(slot) = self.actors.get_mut(&id) else {
             return;
         };
+        let actor = &mut slot.actor;
         actor.shared.scheduled.store(false, Ordering::Release);
         for _ in 0..RUN_BUDGET {
             match actor.mailbox.try_recv() {
-                Ok(BucketMsg::Stop) => {
-                    self.actors.remove(&id);
-                    return;
+                Ok(msg) => {
+                    if !actor.handle(msg, &self.env) {
+                        self.actors.remove(&id);
+                        return;
+                    }
                 }
-                Ok(msg) => actor.handle(msg),
                 Err(_) => break,
             }
         }
-        let stats = &actor.shared.stats;
-        stats
+        actor
+            .shared
+            .stats
             .memory
             .store(actor.instance.memory_used() as u64, Ordering::Relaxed);
         if !actor.mailbox.is_empty() && !actor.shared.scheduled.swap(true, Ordering::AcqRel) {
             let _ = self.me.send(WorkerMsg::Run(id));
         }
-    }
-}
-
-impl Actor {
-    fn handle(&mut self, msg: BucketMsg) {
-        let stats = &self.shared.stats;
-        let (reply, response) = match msg {
-            BucketMsg::Send { id, batch, reply } => {
-                let mut outcome = SendOutcome::default();
-                for (i, event) in batch.iter().enumerate() {
-                    match self.instance.send(event) {
-                        Ok(()) => outcome.accepted += 1,
-                        Err(reason) => outcome.reject(i as u32, || reason),
-                    }
-                }
-                stats.sends.fetch_add(1, Ordering::Relaxed);
-                stats
-                    .events
-                    .fetch_add(u64::from(outcome.accepted), Ordering::Relaxed);
-                stats
-                    .rejected
-                    .fetch_add(u64::from(outcome.rejected), Ordering::Relaxed);
-                (reply, Response::ok(id, outcome.encode()))
-            }
-            BucketMsg::View { id, arg, reply } => {
-                stats.views.fetch_add(1, Ordering::Relaxed);
-                let result = self.instance.view(arg.as_deref());
-                (reply, self.json_response(id, result))
-            }
-            BucketMsg::Dump { id, reply } => {
-                stats.dumps.fetch_add(1, Ordering::Relaxed);
-                let result = self.instance.dump();
-                (reply, self.json_response(id, result))
-            }
-            BucketMsg::Stop => return,
-        };
-        // A closed receiver means the connection went away; nothing to do.
-        let _ = reply.send(response);
-    }
-
-    fn json_response(
-        &self,
-        id: u32,
-        result: Result<Vec<u8>, crate::script::ScriptError>,
-    ) -> Response {
-        match result {
-            Ok(json) => Response::ok(id, json.into()),
-            Err(e) => {
-                self.shared.stats.errors.fetch_add(1, Ordering::Relaxed);
-                let e = Error::Handler(e.to_string());
-                Response::error(id, e.code(), &e.to_string())
-            }
-        }
+        self.arm(id);
     }
 }

@@ -24,6 +24,8 @@ pub enum ErrorCode {
     HandshakeTimeout,
     /// The connection's user was deleted.
     UserDeleted,
+    /// The connection fell behind the outputs of its subscriptions.
+    SlowConsumer,
     /// The opcode is not known to this server.
     UnknownCommand,
     /// The payload does not match the command's layout.
@@ -54,6 +56,8 @@ pub enum ErrorCode {
     HandlerError,
     /// A server limit was reached (for example the number of buckets).
     LimitExceeded,
+    /// An exec sink, and the daemon was not started with `--allow-exec`.
+    ExecDisabled,
     /// An unexpected server-side failure.
     Internal,
     /// The database file could not be read or written.
@@ -62,7 +66,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, in table order.
-    pub const ALL: [ErrorCode; 25] = [
+    pub const ALL: [ErrorCode; 27] = [
         ErrorCode::ProtocolError,
         ErrorCode::FrameTooLarge,
         ErrorCode::BadHandshake,
@@ -71,6 +75,7 @@ impl ErrorCode {
         ErrorCode::ShuttingDown,
         ErrorCode::HandshakeTimeout,
         ErrorCode::UserDeleted,
+        ErrorCode::SlowConsumer,
         ErrorCode::UnknownCommand,
         ErrorCode::MalformedRequest,
         ErrorCode::InvalidArgument,
@@ -86,6 +91,7 @@ impl ErrorCode {
         ErrorCode::NoSuchHandler,
         ErrorCode::HandlerError,
         ErrorCode::LimitExceeded,
+        ErrorCode::ExecDisabled,
         ErrorCode::Internal,
         ErrorCode::StorageError,
     ];
@@ -101,6 +107,7 @@ impl ErrorCode {
             ErrorCode::ShuttingDown => 105,
             ErrorCode::HandshakeTimeout => 106,
             ErrorCode::UserDeleted => 107,
+            ErrorCode::SlowConsumer => 108,
             ErrorCode::UnknownCommand => 200,
             ErrorCode::MalformedRequest => 201,
             ErrorCode::InvalidArgument => 202,
@@ -116,6 +123,7 @@ impl ErrorCode {
             ErrorCode::NoSuchHandler => 402,
             ErrorCode::HandlerError => 403,
             ErrorCode::LimitExceeded => 404,
+            ErrorCode::ExecDisabled => 405,
             ErrorCode::Internal => 500,
             ErrorCode::StorageError => 501,
         }
@@ -137,6 +145,7 @@ impl ErrorCode {
             ErrorCode::ShuttingDown => "SHUTTING_DOWN",
             ErrorCode::HandshakeTimeout => "HANDSHAKE_TIMEOUT",
             ErrorCode::UserDeleted => "USER_DELETED",
+            ErrorCode::SlowConsumer => "SLOW_CONSUMER",
             ErrorCode::UnknownCommand => "UNKNOWN_COMMAND",
             ErrorCode::MalformedRequest => "MALFORMED_REQUEST",
             ErrorCode::InvalidArgument => "INVALID_ARGUMENT",
@@ -152,6 +161,7 @@ impl ErrorCode {
             ErrorCode::NoSuchHandler => "NO_SUCH_HANDLER",
             ErrorCode::HandlerError => "HANDLER_ERROR",
             ErrorCode::LimitExceeded => "LIMIT_EXCEEDED",
+            ErrorCode::ExecDisabled => "EXEC_DISABLED",
             ErrorCode::Internal => "INTERNAL",
             ErrorCode::StorageError => "STORAGE_ERROR",
         }

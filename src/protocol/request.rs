@@ -10,6 +10,8 @@
 //! | 0x06 | VIEW    | bucket:str16 arg:opt(blob32)                             |
 //! | 0x07 | DUMP    | bucket:str16                                             |
 //! | 0x08 | INFO    | bucket:opt(str16)                                        |
+//! | 0x09 | ALTER   | bucket:str16 options:blob32                              |
+//! | 0x0a | RELOAD  | (empty)                                                  |
 //! | 0x10 | LOGIN   | user:str16 password:str16                                |
 //! | 0x11 | WHOAMI  | (empty)                                                  |
 //! | 0x12 | USER_ADD | user:str16 password:str16                               |
@@ -18,6 +20,8 @@
 //! | 0x15 | USER_LIST | (empty)                                                |
 //! | 0x16 | USER_GRANT | user:str16 permission:str16 pattern:str16             |
 //! | 0x17 | USER_REVOKE | user:str16 permission:str16 pattern:str16            |
+//! | 0x20 | SUBSCRIBE | bucket:str16                                           |
+//! | 0x21 | UNSUBSCRIBE | subscription:u32be                                   |
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -41,6 +45,14 @@ pub const OP_VIEW: u8 = 0x06;
 pub const OP_DUMP: u8 = 0x07;
 /// Opcode of INFO.
 pub const OP_INFO: u8 = 0x08;
+/// Opcode of ALTER.
+pub const OP_ALTER: u8 = 0x09;
+/// Opcode of RELOAD.
+pub const OP_RELOAD: u8 = 0x0a;
+/// Opcode of SUBSCRIBE.
+pub const OP_SUBSCRIBE: u8 = 0x20;
+/// Opcode of UNSUBSCRIBE.
+pub const OP_UNSUBSCRIBE: u8 = 0x21;
 /// Opcode of LOGIN.
 pub const OP_LOGIN: u8 = 0x10;
 /// Opcode of WHOAMI.
@@ -134,6 +146,26 @@ pub enum Command {
         /// Bucket name, or none for the server.
         bucket: Option<String>,
     },
+    /// Change a bucket's options (schedule and sinks), keeping its state.
+    Alter {
+        /// Bucket name.
+        bucket: String,
+        /// Changes: a JSON object; each key replaces the option, `null` removes it.
+        options: Bytes,
+    },
+    /// Read the handler files again (admin).
+    Reload,
+    /// Receive a bucket's flush outputs on this connection, as PUSH frames carrying
+    /// this request's id.
+    Subscribe {
+        /// Bucket name.
+        bucket: String,
+    },
+    /// End a subscription of this connection.
+    Unsubscribe {
+        /// The SUBSCRIBE request's id.
+        subscription: u32,
+    },
     /// Log in; required before any command but PING.
     Login {
         /// User name.
@@ -196,6 +228,10 @@ impl Command {
             Command::View { .. } => OP_VIEW,
             Command::Dump { .. } => OP_DUMP,
             Command::Info { .. } => OP_INFO,
+            Command::Alter { .. } => OP_ALTER,
+            Command::Reload => OP_RELOAD,
+            Command::Subscribe { .. } => OP_SUBSCRIBE,
+            Command::Unsubscribe { .. } => OP_UNSUBSCRIBE,
             Command::Login { .. } => OP_LOGIN,
             Command::Whoami => OP_WHOAMI,
             Command::UserAdd { .. } => OP_USER_ADD,
@@ -218,6 +254,10 @@ impl Command {
             Command::View { .. } => "VIEW",
             Command::Dump { .. } => "DUMP",
             Command::Info { .. } => "INFO",
+            Command::Alter { .. } => "ALTER",
+            Command::Reload => "RELOAD",
+            Command::Subscribe { .. } => "SUBSCRIBE",
+            Command::Unsubscribe { .. } => "UNSUBSCRIBE",
             Command::Login { .. } => "LOGIN",
             Command::Whoami => "WHOAMI",
             Command::UserAdd { .. } => "USER_ADD",
@@ -373,6 +413,17 @@ impl Request {
                 };
                 Command::Info { bucket }
             }
+            OP_ALTER => Command::Alter {
+                bucket: r.str16("bucket").map_err(malformed)?,
+                options: r.blob32("options").map_err(malformed)?,
+            },
+            OP_RELOAD => Command::Reload,
+            OP_SUBSCRIBE => Command::Subscribe {
+                bucket: r.str16("bucket").map_err(malformed)?,
+            },
+            OP_UNSUBSCRIBE => Command::Unsubscribe {
+                subscription: r.u32("subscription").map_err(malformed)?,
+            },
             OP_LOGIN => Command::Login {
                 user: r.str16("user").map_err(malformed)?,
                 password: Secret(r.str16("password").map_err(malformed)?),
@@ -438,8 +489,15 @@ impl Request {
                     put_blob32(b, config);
                     put_blob32(b, options);
                 }
-                Command::Drop { bucket } | Command::Dump { bucket } => put_str16(b, bucket),
-                Command::List | Command::Whoami | Command::UserList => {}
+                Command::Drop { bucket }
+                | Command::Dump { bucket }
+                | Command::Subscribe { bucket } => put_str16(b, bucket),
+                Command::List | Command::Whoami | Command::UserList | Command::Reload => {}
+                Command::Alter { bucket, options } => {
+                    put_str16(b, bucket);
+                    put_blob32(b, options);
+                }
+                Command::Unsubscribe { subscription } => b.put_u32(*subscription),
                 Command::Login { user, password }
                 | Command::UserAdd { user, password }
                 | Command::UserPasswd { user, password } => {
@@ -524,6 +582,13 @@ mod tests {
             arg: None,
         });
         round_trip(Command::Dump { bucket: "b".into() });
+        round_trip(Command::Alter {
+            bucket: "b".into(),
+            options: Bytes::from_static(b"{\"every\":1}"),
+        });
+        round_trip(Command::Reload);
+        round_trip(Command::Subscribe { bucket: "b".into() });
+        round_trip(Command::Unsubscribe { subscription: 7 });
         round_trip(Command::Info { bucket: None });
         round_trip(Command::Info {
             bucket: Some("b".into()),

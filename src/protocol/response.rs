@@ -18,6 +18,12 @@ pub enum Status {
     Error = 1,
     /// The connection failed; the server closes it after this frame.
     Fatal = 2,
+    /// An output of a subscription; the id is the SUBSCRIBE request's, the payload the
+    /// output (JSON). Not an answer: it never takes a request's place in the order.
+    Push = 3,
+    /// The subscription with this id has ended (`code:u16 message:str16`); the
+    /// connection stays usable.
+    End = 4,
 }
 
 /// One response frame, decoded generically.
@@ -42,6 +48,23 @@ impl Response {
             id,
             status: Status::Ok,
             payload,
+        }
+    }
+
+    /// A PUSH frame: an output of subscription `id`.
+    pub fn push(id: u32, payload: Bytes) -> Self {
+        Response {
+            id,
+            status: Status::Push,
+            payload,
+        }
+    }
+
+    /// An END frame: subscription `id` is over, for the reason `code`.
+    pub fn end(id: u32, code: ErrorCode, message: &str) -> Self {
+        Response {
+            status: Status::End,
+            ..Response::error(id, code, message)
         }
     }
 
@@ -76,7 +99,7 @@ impl Response {
     /// # Errors
     /// [`WireError`] if the error payload is malformed.
     pub fn failure(&self) -> Result<Option<(u16, String)>, WireError> {
-        if self.status == Status::Ok {
+        if matches!(self.status, Status::Ok | Status::Push) {
             return Ok(None);
         }
         let mut r = Reader::new(self.payload.clone());
@@ -104,6 +127,8 @@ impl Response {
             0 => Status::Ok,
             1 => Status::Error,
             2 => Status::Fatal,
+            3 => Status::Push,
+            4 => Status::End,
             _ => return Err(WireError::BadMarker("status")),
         };
         let id = r.u32("request id")?;

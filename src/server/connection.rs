@@ -4,13 +4,19 @@
 //!  socket ─read─▶ reader: decode every buffered frame ─▶ route ─▶ pending FIFO (bounded)
 //!                                                                      │
 //!  socket ◀─write─ writer: answers in request order, one flush per batch ◀┘
+//!                      ▲
+//!                      └── pushes of this connection's subscriptions (bounded queue)
 //! ```
+//!
+//! Pushes are written between answers, never before the OK of their SUBSCRIBE nor
+//! after the OK of their UNSUBSCRIBE.
 //!
 //! The reader never waits for an answer, so a client can pipeline; it waits only when
 //! the FIFO, the in-flight byte budget or a bucket mailbox is full, and that stops it
 //! reading the socket (back-pressure to the peer). Framing errors answer FATAL and close;
 //! request errors answer ERROR and the connection stays.
 
+use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -21,10 +27,11 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
-use super::dispatch::{Pending, Services};
+use super::dispatch::{ConnState, Pending, Services};
 
 use crate::auth::Session;
 use crate::config::{Config, HANDSHAKE_TIMEOUT_SECS};
+use crate::engine::{push_channel, Push, PushKind, PushStream, PUSH_QUEUE};
 use crate::protocol::frame::check_frame;
 use crate::protocol::handshake::{not_a_hello_message, FLAG_LOGIN_REQUIRED, MAX_HELLO_LEN};
 use crate::protocol::{ClientHello, ErrorCode, FrameError, Request, Response, ServerHello, Status};
@@ -132,13 +139,18 @@ pub(crate) async fn serve<S: Stream>(
     }
     let (rd, wr) = tokio::io::split(socket);
     let (tx, rx) = mpsc::channel(limits.max_in_flight);
+    let (sink, pushes) = push_channel();
     // Aborted if this task is (after the shutdown grace), so the socket closes.
-    let mut writer = AbortOnDrop(tokio::spawn(write_loop(wr, rx)));
+    let mut writer = AbortOnDrop(tokio::spawn(write_loop(wr, rx, pushes)));
     let mut reader = Reader {
         rd,
         buf,
         services,
-        session: None,
+        conn: ConnState {
+            session: None,
+            sink,
+            subscriptions: Default::default(),
+        },
         peer,
         limits,
         tx,
@@ -246,7 +258,7 @@ struct Reader<S> {
     rd: ReadHalf<S>,
     buf: BytesMut,
     services: Services,
-    session: Option<Session>,
+    conn: ConnState,
     peer: IpAddr,
     limits: Limits,
     tx: mpsc::Sender<Slot>,
@@ -298,7 +310,7 @@ impl<S: Stream> Reader<S> {
                 }
                 // The writer gave up (slow consumer or write error): stop reading too.
                 _ = self.tx.closed() => return CloseReason::SlowConsumer,
-                _ = revoked(&mut self.session) => return self.user_deleted().await,
+                _ = revoked(&mut self.conn.session) => return self.user_deleted().await,
             }
         }
     }
@@ -346,13 +358,13 @@ impl<S: Stream> Reader<S> {
                 };
             }
         };
-        if self.session.as_ref().is_some_and(Session::is_revoked) {
+        if self.conn.session.as_ref().is_some_and(Session::is_revoked) {
             return Some(self.user_deleted().await);
         }
         let id = request.id;
         let pending = match self
             .services
-            .dispatch(&mut self.session, self.peer, request)
+            .dispatch(&mut self.conn, self.peer, request)
             .await
         {
             Ok(pending) => pending,
@@ -393,46 +405,217 @@ async fn flush<W: AsyncWrite + Unpin>(wr: &mut W, out: &mut BytesMut) -> bool {
     ok
 }
 
-/// Writes answers in request order. Answers that are ready are coalesced into one
-/// write; before waiting on a slow one, whatever is buffered is flushed.
-async fn write_loop<S: Stream>(mut wr: WriteHalf<S>, mut rx: mpsc::Receiver<Slot>) {
-    let mut out = BytesMut::with_capacity(WRITE_CHUNK);
-    'outer: while let Some(mut slot) = rx.recv().await {
-        loop {
-            let response = match slot.pending {
-                Pending::Ready(r) => r,
-                Pending::Waiting { id, mut rx } => match rx.try_recv() {
-                    Ok(r) => r,
-                    Err(oneshot::error::TryRecvError::Empty) => {
-                        if !out.is_empty() && !flush(&mut wr, &mut out).await {
-                            return;
-                        }
-                        rx.await.unwrap_or_else(|_| dropped(id))
-                    }
-                    Err(oneshot::error::TryRecvError::Closed) => dropped(id),
-                },
-            };
-            drop(slot._budget);
-            response.encode(&mut out);
-            if response.status == Status::Fatal {
-                break 'outer;
+/// What the writer waits for next.
+enum Wake {
+    Slot(Option<Slot>),
+    Answer(Option<Response>),
+    Push(Option<Push>),
+    Lagged,
+}
+
+/// A slot whose answer is not ready yet.
+struct Awaited {
+    id: u32,
+    rx: oneshot::Receiver<Response>,
+    subscribe: bool,
+    _budget: Option<OwnedSemaphorePermit>,
+}
+
+/// The writer's view of the subscriptions: pushes of `acked` ones are written, pushes of
+/// ones whose SUBSCRIBE answer is not written yet are `parked`, pushes of `closed` ones
+/// are dropped.
+struct Writer<S> {
+    wr: WriteHalf<S>,
+    out: BytesMut,
+    acked: HashSet<u32>,
+    closed: HashSet<u32>,
+    parked: Vec<Push>,
+}
+
+impl<S: Stream> Writer<S> {
+    /// Encodes a response; false if it is FATAL (the last one).
+    fn answer(&mut self, response: &Response) -> bool {
+        response.encode(&mut self.out);
+        response.status != Status::Fatal
+    }
+
+    /// Encodes or parks a push; false if the parking lot overflowed (slow consumer).
+    fn push(&mut self, push: Push) -> bool {
+        if self.acked.contains(&push.sub) {
+            self.encode_push(push);
+        } else if !self.closed.contains(&push.sub) {
+            if self.parked.len() >= PUSH_QUEUE {
+                return false;
             }
-            if out.len() >= WRITE_CHUNK && !flush(&mut wr, &mut out).await {
-                return;
+            self.parked.push(push);
+        }
+        true
+    }
+
+    fn encode_push(&mut self, push: Push) {
+        let response = match push.kind {
+            PushKind::Output(payload) => Response::push(push.sub, payload),
+            PushKind::End(code, message) => {
+                self.acked.remove(&push.sub);
+                self.closed.insert(push.sub);
+                Response::end(push.sub, code, &message)
             }
-            match rx.try_recv() {
-                Ok(next) => slot = next,
-                Err(_) => break,
+        };
+        response.encode(&mut self.out);
+    }
+
+    /// The SUBSCRIBE answer for `id` was written: release its parked pushes, or drop
+    /// them if it failed.
+    fn subscribed(&mut self, id: u32, ok: bool) {
+        let parked = std::mem::take(&mut self.parked);
+        let (mine, others): (Vec<Push>, Vec<Push>) = parked.into_iter().partition(|p| p.sub == id);
+        self.parked = others;
+        if ok {
+            self.closed.remove(&id);
+            self.acked.insert(id);
+            for push in mine {
+                self.encode_push(push);
             }
         }
-        if !out.is_empty() && !flush(&mut wr, &mut out).await {
+    }
+
+    fn unsubscribed(&mut self, sub: u32) {
+        self.acked.remove(&sub);
+        self.closed.insert(sub);
+        self.parked.retain(|p| p.sub != sub);
+    }
+
+    async fn flush(&mut self) -> bool {
+        self.out.is_empty() || flush(&mut self.wr, &mut self.out).await
+    }
+}
+
+/// Writes answers in request order, and subscription pushes between them. Whatever is
+/// ready is coalesced into one write; before waiting, whatever is buffered is flushed.
+async fn write_loop<S: Stream>(
+    wr: WriteHalf<S>,
+    mut rx: mpsc::Receiver<Slot>,
+    mut pushes: PushStream,
+) {
+    let mut w = Writer {
+        wr,
+        out: BytesMut::with_capacity(WRITE_CHUNK),
+        acked: HashSet::new(),
+        closed: HashSet::new(),
+        parked: Vec::new(),
+    };
+    let mut awaited: Option<Awaited> = None;
+    let mut pushes_open = true;
+    let lag = pushes.lag_signal();
+    loop {
+        if w.out.len() >= WRITE_CHUNK && !w.flush().await {
             return;
         }
+        let ready = if pushes.is_lagged() {
+            Some(Wake::Lagged)
+        } else if let Some(a) = &mut awaited {
+            match a.rx.try_recv() {
+                Ok(r) => Some(Wake::Answer(Some(r))),
+                Err(oneshot::error::TryRecvError::Closed) => Some(Wake::Answer(None)),
+                Err(oneshot::error::TryRecvError::Empty) => {
+                    pushes.try_recv().map(|p| Wake::Push(Some(p)))
+                }
+            }
+        } else {
+            match rx.try_recv() {
+                Ok(slot) => Some(Wake::Slot(Some(slot))),
+                Err(mpsc::error::TryRecvError::Disconnected) => Some(Wake::Slot(None)),
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    pushes.try_recv().map(|p| Wake::Push(Some(p)))
+                }
+            }
+        };
+        let wake = match ready {
+            Some(wake) => wake,
+            None => {
+                if !w.flush().await {
+                    return;
+                }
+                match &mut awaited {
+                    Some(a) => tokio::select! {
+                        biased;
+                        _ = lag.wait() => Wake::Lagged,
+                        r = &mut a.rx => Wake::Answer(r.ok()),
+                        p = pushes.recv(), if pushes_open => Wake::Push(p),
+                    },
+                    None => tokio::select! {
+                        biased;
+                        _ = lag.wait() => Wake::Lagged,
+                        s = rx.recv() => Wake::Slot(s),
+                        p = pushes.recv(), if pushes_open => Wake::Push(p),
+                    },
+                }
+            }
+        };
+        match wake {
+            Wake::Lagged => {
+                let msg = format!(
+                    "this connection fell behind the outputs of its subscriptions \
+                     (more than {PUSH_QUEUE} outputs or {} MiB queued)",
+                    crate::engine::PUSH_QUEUE_BYTES >> 20
+                );
+                w.answer(&Response::error(0, ErrorCode::SlowConsumer, &msg));
+                tracing::info!("closing connection: slow subscriber");
+                break;
+            }
+            Wake::Push(None) => pushes_open = false,
+            Wake::Push(Some(push)) => {
+                if !w.push(push) {
+                    pushes.mark_lagged();
+                }
+            }
+            Wake::Slot(None) => break,
+            Wake::Slot(Some(slot)) => match slot.pending {
+                Pending::Ready(r) => {
+                    drop(slot._budget);
+                    if !w.answer(&r) {
+                        break;
+                    }
+                }
+                Pending::Unsubscribed { id, sub } => {
+                    drop(slot._budget);
+                    w.unsubscribed(sub);
+                    w.answer(&Response::empty(id));
+                }
+                Pending::Waiting { id, rx } => {
+                    awaited = Some(Awaited {
+                        id,
+                        rx,
+                        subscribe: false,
+                        _budget: slot._budget,
+                    });
+                }
+                Pending::Subscribed { id, rx } => {
+                    awaited = Some(Awaited {
+                        id,
+                        rx,
+                        subscribe: true,
+                        _budget: slot._budget,
+                    });
+                }
+            },
+            Wake::Answer(r) => {
+                let Some(a) = awaited.take() else { continue };
+                let response = r.unwrap_or_else(|| dropped(a.id));
+                drop(a._budget);
+                let more = w.answer(&response);
+                if a.subscribe {
+                    w.subscribed(a.id, response.status == Status::Ok);
+                }
+                if !more {
+                    break;
+                }
+            }
+        }
     }
-    if !out.is_empty() && !flush(&mut wr, &mut out).await {
-        return;
+    if w.flush().await {
+        let _ = w.wr.shutdown().await;
     }
-    let _ = wr.shutdown().await;
 }
 
 /// The answer for a request whose bucket was dropped before running it.

@@ -2,6 +2,7 @@
 //! needs, and the engine or auth call that serves it. Permission is checked before the
 //! bucket is looked up, so a user learns nothing about buckets they may not use.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -9,7 +10,9 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use crate::auth::{Auth, Permission, Session};
-use crate::engine::{BucketMsg, Engine};
+use crate::engine::{
+    requested_sinks, BucketMsg, Engine, PushSink, Subscriber, MAX_SUBSCRIPTIONS_PER_CONNECTION,
+};
 use crate::error::Error;
 use crate::protocol::{Command, Request, Response};
 
@@ -20,12 +23,33 @@ pub(crate) struct Services {
     pub auth: Arc<Auth>,
 }
 
+/// A connection's state as requests see it.
+pub(crate) struct ConnState {
+    /// Set by a successful LOGIN.
+    pub session: Option<Session>,
+    /// Where this connection's subscriptions deliver.
+    pub sink: PushSink,
+    /// Subscription id (the SUBSCRIBE request id) → bucket.
+    pub subscriptions: HashMap<u32, String>,
+}
+
 /// An answer owed to the client, in request order.
 pub(crate) enum Pending {
     Ready(Response),
     Waiting {
         id: u32,
         rx: oneshot::Receiver<Response>,
+    },
+    /// The answer to SUBSCRIBE: once it is written (if OK), the subscription's pushes
+    /// may follow it.
+    Subscribed {
+        id: u32,
+        rx: oneshot::Receiver<Response>,
+    },
+    /// The answer to UNSUBSCRIBE: from it on, no push of `sub` is written.
+    Unsubscribed {
+        id: u32,
+        sub: u32,
     },
 }
 
@@ -38,6 +62,19 @@ fn empty(id: u32) -> Result<Pending, Error> {
     Ok(Pending::Ready(Response::empty(id)))
 }
 
+/// The permissions an options object needs beyond `create`: `send` on the forward
+/// target, `admin` for an exec command.
+fn check_sinks(s: &Session, options: &[u8]) -> Result<(), Error> {
+    let (forward, exec) = requested_sinks(options);
+    if exec {
+        s.check(Permission::Admin, None)?;
+    }
+    if let Some(target) = forward {
+        s.check(Permission::Send, Some(&target))?;
+    }
+    Ok(())
+}
+
 impl Services {
     /// Serves one request for a connection whose login state is `session`.
     ///
@@ -45,10 +82,11 @@ impl Services {
     /// The request's error, to be answered with its code.
     pub async fn dispatch(
         &self,
-        session: &mut Option<Session>,
+        conn: &mut ConnState,
         peer: IpAddr,
         request: Request,
     ) -> Result<Pending, Error> {
+        let session = &mut conn.session;
         let id = request.id;
         let (engine, auth) = (&self.engine, &self.auth);
         let command = match (request.command, session.as_ref()) {
@@ -92,8 +130,71 @@ impl Services {
                 options,
             } => {
                 s.check(Permission::Create, Some(&bucket))?;
-                engine.create(&bucket, &handler, &config, &options).await?;
+                check_sinks(s, &options)?;
+                engine
+                    .create(&bucket, &handler, &config, &options, s.user())
+                    .await?;
                 return empty(id);
+            }
+            Command::Alter { bucket, options } => {
+                s.check(Permission::Create, Some(&bucket))?;
+                check_sinks(s, &options)?;
+                let options = engine.altered_options(&bucket, &options)?;
+                engine.alter(&bucket, options).await?;
+                return empty(id);
+            }
+            Command::Reload => {
+                s.check(Permission::Admin, None)?;
+                return json(id, &engine.reload()?);
+            }
+            Command::Subscribe { bucket } => {
+                s.check(Permission::Subscribe, Some(&bucket))?;
+                let handle = engine.bucket(&bucket)?;
+                if conn.subscriptions.contains_key(&id) {
+                    return Err(Error::InvalidArgument(format!(
+                        "request id {id} is already a subscription on this connection"
+                    )));
+                }
+                if conn.subscriptions.len() >= MAX_SUBSCRIPTIONS_PER_CONNECTION {
+                    return Err(Error::LimitExceeded(format!(
+                        "a connection may hold at most {MAX_SUBSCRIPTIONS_PER_CONNECTION} subscriptions"
+                    )));
+                }
+                let subscriber = Subscriber {
+                    sink: conn.sink.clone(),
+                    sub: id,
+                    allowed: s.still_allows(Permission::Subscribe, &bucket),
+                };
+                let (reply, rx) = oneshot::channel();
+                handle
+                    .post(BucketMsg::Subscribe {
+                        id,
+                        subscriber,
+                        reply,
+                    })
+                    .await?;
+                conn.subscriptions.insert(id, bucket);
+                return Ok(Pending::Subscribed { id, rx });
+            }
+            Command::Unsubscribe { subscription } => {
+                let Some(bucket) = conn.subscriptions.remove(&subscription) else {
+                    return Err(Error::InvalidArgument(format!(
+                        "no subscription {subscription} on this connection"
+                    )));
+                };
+                if let Ok(handle) = engine.bucket(&bucket) {
+                    let key = conn.sink.key();
+                    let _ = handle
+                        .post(BucketMsg::Unsubscribe {
+                            key,
+                            sub: subscription,
+                        })
+                        .await;
+                }
+                return Ok(Pending::Unsubscribed {
+                    id,
+                    sub: subscription,
+                });
             }
             Command::Drop { bucket } => {
                 s.check(Permission::Create, Some(&bucket))?;

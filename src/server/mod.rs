@@ -12,7 +12,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-use crate::auth::{Auth, BOOTSTRAP_PASSWORD, BOOTSTRAP_USER};
+use crate::auth::{Auth, Permission, BOOTSTRAP_PASSWORD, BOOTSTRAP_USER};
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::script::HandlerCatalog;
@@ -99,8 +99,12 @@ impl Server {
                  change it now with `bucketly user passwd {BOOTSTRAP_USER}`"
             );
         }
+        let auth = Arc::new(auth);
         let catalog = load_catalog(&config)?;
-        let engine = Engine::new(&config, store, catalog).map_err(StartError::Runtime)?;
+        let users = auth.clone();
+        let may_send: crate::engine::SendCheck =
+            Arc::new(move |user, bucket| users.allows(user, Permission::Send, bucket));
+        let engine = Engine::new(&config, store, catalog, may_send).map_err(StartError::Runtime)?;
         let engine = Arc::new(engine);
         for problem in engine.restore().await {
             tracing::warn!("{problem}");
@@ -115,10 +119,7 @@ impl Server {
         Ok(Server {
             listener,
             tls,
-            services: Services {
-                engine,
-                auth: Arc::new(auth),
-            },
+            services: Services { engine, auth },
             config,
         })
     }

@@ -61,11 +61,15 @@ pub struct BucketSpec {
     pub handler: String,
     /// Handler config (JSON; `null` when none was given).
     pub config: serde_json::Value,
-    /// Bucket options (a JSON object; reserved for later releases).
+    /// Bucket options (a JSON object, see [`crate::engine::BucketOptions`]).
     #[serde(default)]
     pub options: serde_json::Map<String, serde_json::Value>,
     /// Creation time, milliseconds since the Unix epoch.
     pub created_ms: u64,
+    /// The user who created the bucket; its forwards and emits carry that user's
+    /// permissions. Empty for buckets stored before owners were recorded.
+    #[serde(default)]
+    pub owner: String,
 }
 
 /// A stored record: its name and its value, or why the record does not parse.
@@ -236,6 +240,7 @@ mod tests {
             config: serde_json::json!({"max": 3}),
             options: Default::default(),
             created_ms: 1,
+            owner: "admin".into(),
         }
     }
 

@@ -29,6 +29,8 @@ const OP_SEND: u8 = 0x05;
 const OP_VIEW: u8 = 0x06;
 const OP_DUMP: u8 = 0x07;
 const OP_INFO: u8 = 0x08;
+const OP_ALTER: u8 = 0x09;
+const OP_RELOAD: u8 = 0x0a;
 const OP_LOGIN: u8 = 0x10;
 const OP_WHOAMI: u8 = 0x11;
 const OP_USER_ADD: u8 = 0x12;
@@ -37,6 +39,8 @@ const OP_USER_PASSWD: u8 = 0x14;
 const OP_USER_LIST: u8 = 0x15;
 const OP_USER_GRANT: u8 = 0x16;
 const OP_USER_REVOKE: u8 = 0x17;
+const OP_SUBSCRIBE: u8 = 0x20;
+const OP_UNSUBSCRIBE: u8 = 0x21;
 
 /// Server hello flag bit 0: the client must LOGIN before other commands.
 const LOGIN_REQUIRED: u32 = 1;
@@ -343,6 +347,9 @@ fn check_garbage_answers(responses: &[Response], handshaken: bool, label: &str) 
             .unwrap_or_else(|e| panic!("{label}: malformed error payload {e}: {r:?}"));
         match (r.status, failure) {
             (Status::Ok, _) => assert!(handshaken, "{label}: OK before any handshake: {r:?}"),
+            (Status::Push | Status::End, _) => {
+                panic!("{label}: a push without a subscription: {r:?}")
+            }
             (Status::Error, Some((code, msg))) => {
                 assert!(handshaken, "{label}: ERROR before any handshake: {msg}");
                 assert!(
@@ -694,7 +701,10 @@ async fn random_bodies_in_valid_frames_are_answered_one_by_one() {
     let mut bytes = Vec::new();
     let mut sent = Vec::new();
     // The opcodes of the v1 commands and their unknown neighbours.
-    let near: Vec<u8> = (0x00..=0x09).chain(0x10..=0x18).collect();
+    let near: Vec<u8> = (0x00..=0x0b)
+        .chain(0x10..=0x18)
+        .chain(0x20..=0x22)
+        .collect();
     for i in 0..3000u32 {
         let op = match rng.below(4) {
             0 => rng.next_u64() as u8,
@@ -719,21 +729,25 @@ async fn random_bodies_in_valid_frames_are_answered_one_by_one() {
         match r.failure().expect("well-formed") {
             None if *op == OP_PING => assert_eq!(&r.payload[..], &payload[..]),
             None => assert!(
-                matches!(*op, OP_LIST | OP_INFO | OP_WHOAMI | OP_USER_LIST),
+                matches!(
+                    *op,
+                    OP_LIST | OP_INFO | OP_WHOAMI | OP_USER_LIST | OP_RELOAD
+                ),
                 "opcode {op:#04x} with random payload {payload:?} succeeded"
             ),
             Some((code, msg)) => {
                 assert_eq!(r.status, Status::Error, "{msg}");
                 // Logged in as admin: never AUTH_REQUIRED or PERMISSION_DENIED.
                 let expected: &[u16] = match *op {
-                    1..=8 => &[
+                    OP_CREATE..=OP_ALTER | OP_SUBSCRIBE => &[
                         MALFORMED_REQUEST,
                         INVALID_ARGUMENT,
                         NO_SUCH_BUCKET,
                         NO_SUCH_HANDLER,
                     ],
                     OP_LOGIN => &[MALFORMED_REQUEST, LOGIN_FAILED, LOGIN_THROTTLED],
-                    OP_WHOAMI | OP_USER_LIST => &[MALFORMED_REQUEST],
+                    OP_WHOAMI | OP_USER_LIST | OP_RELOAD => &[MALFORMED_REQUEST],
+                    OP_UNSUBSCRIBE => &[MALFORMED_REQUEST, INVALID_ARGUMENT],
                     OP_USER_ADD => &[MALFORMED_REQUEST, INVALID_ARGUMENT, USER_EXISTS],
                     OP_USER_DEL => &[MALFORMED_REQUEST, NO_SUCH_USER, LAST_ADMIN],
                     OP_USER_PASSWD | OP_USER_GRANT => {
@@ -979,9 +993,9 @@ async fn unknown_opcodes_are_request_errors() {
     let mut conn = server.raw().await;
     let cases = [
         (0x00u8, 1u32, &b"whatever"[..]),
-        (0x09, 0, b"x"),
+        (0x0b, 0, b"x"),
         (0x18, 3, b""),
-        (0x20, 5, b"\x00\x06clicks"),
+        (0x22, 5, b"\x00\x06clicks"),
         (0x42, 7, b""),
         (0x7f, 0xDEAD_BEEF, b"\x00\x01"),
         (0xff, u32::MAX, b"whatever"),

@@ -156,6 +156,15 @@ fn request_of(d: &Value) -> Result<Request, String> {
                 _ => Some(bucket()?),
             },
         },
+        "alter" => Command::Alter {
+            bucket: bucket()?,
+            options: bytes_field(d, "options")?,
+        },
+        "reload" => Command::Reload,
+        "subscribe" => Command::Subscribe { bucket: bucket()? },
+        "unsubscribe" => Command::Unsubscribe {
+            subscription: number(d, "subscription")?,
+        },
         "login" => Command::Login {
             user: user()?,
             password: password()?,
@@ -220,6 +229,12 @@ fn check_response(frame: &[u8], d: &Value) -> Check {
     let status = string(d, "status")?;
     let expected = match status.as_str() {
         "ok" => Response::ok(id, unhex(&string(d, "payload_hex")?)?.into()),
+        "push" => Response::push(id, unhex(&string(d, "payload_hex")?)?.into()),
+        "end" => {
+            let n: u16 = number(d, "code")?;
+            let code = ErrorCode::from_u16(n).ok_or(format!("unknown code {n}"))?;
+            Response::end(id, code, &string(d, "message")?)
+        }
         "error" | "fatal" => {
             let n: u16 = number(d, "code")?;
             let code = ErrorCode::from_u16(n).ok_or(format!("unknown code {n}"))?;
@@ -478,6 +493,13 @@ fn every_command() -> Vec<Command> {
         },
         Command::Dump { bucket: s() },
         Command::Info { bucket: None },
+        Command::Alter {
+            bucket: s(),
+            options: Bytes::new(),
+        },
+        Command::Reload,
+        Command::Subscribe { bucket: s() },
+        Command::Unsubscribe { subscription: 0 },
         Command::Login {
             user: s(),
             password: Secret(s()),
@@ -514,6 +536,10 @@ fn every_command() -> Vec<Command> {
             | Command::View { .. }
             | Command::Dump { .. }
             | Command::Info { .. }
+            | Command::Alter { .. }
+            | Command::Reload
+            | Command::Subscribe { .. }
+            | Command::Unsubscribe { .. }
             | Command::Login { .. }
             | Command::Whoami
             | Command::UserAdd { .. }
@@ -547,7 +573,13 @@ fn vectors_cover_every_opcode_status_and_kind() {
         );
     }
     let responses = of_kind("response");
-    for status in [Status::Ok, Status::Error, Status::Fatal] {
+    for status in [
+        Status::Ok,
+        Status::Error,
+        Status::Fatal,
+        Status::Push,
+        Status::End,
+    ] {
         assert!(
             responses.iter().any(|f| f.get(4) == Some(&(status as u8))),
             "no response vector with status {status:?}"

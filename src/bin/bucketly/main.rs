@@ -2,13 +2,18 @@
 //! [`bucketly::Client`]; results are one JSON value on stdout, errors one line on
 //! stderr with exit code 1.
 
-use std::collections::VecDeque;
-use std::io::BufRead;
+mod handler_test;
+mod out;
+mod send;
+
 use std::process::ExitCode;
 
-use bucketly::client::{ClientError, PendingReply};
+use bucketly::client::ClientError;
 use bucketly::Client;
-use clap::{Parser, Subcommand};
+use clap::{Args as ClapArgs, Parser, Subcommand};
+
+use out::{print_json, print_line};
+use send::{report, send_stdin};
 
 /// Command-line client for bucketlyd.
 #[derive(Parser, Debug)]
@@ -56,7 +61,31 @@ enum Cmd {
         /// Handler config as JSON.
         #[arg(long)]
         config: Option<String>,
+        #[command(flatten)]
+        options: OptionFlags,
     },
+    /// Change a bucket's schedule and sinks; its aggregate and pending events stay.
+    Alter {
+        /// Bucket name.
+        bucket: String,
+        #[command(flatten)]
+        options: OptionFlags,
+        /// Remove an option (every, threshold, timeout, emit_empty, forward, exec,
+        /// exec_timeout); repeatable.
+        #[arg(long, value_name = "OPTION")]
+        unset: Vec<String>,
+    },
+    /// Print a bucket's flush outputs as they happen, one JSON line each.
+    Subscribe {
+        /// Bucket name.
+        bucket: String,
+        /// Exit after this many outputs.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// Handlers: reload the server's files, or test a file locally.
+    #[command(subcommand)]
+    Handler(HandlerCmd),
     /// Drop a bucket and its state.
     Drop {
         /// Bucket name.
@@ -96,6 +125,60 @@ enum Cmd {
     /// Manage users (admin; `passwd` for yourself too).
     #[command(subcommand)]
     User(UserCmd),
+}
+
+/// Bucket options as flags (see PROTOCOL.md, CREATE options).
+#[derive(ClapArgs, Debug, Default)]
+struct OptionFlags {
+    /// Flush every SECS seconds (fractions allowed).
+    #[arg(long, value_name = "SECS")]
+    every: Option<f64>,
+    /// Flush once N events arrived since the last flush (needs --timeout).
+    #[arg(long, value_name = "N")]
+    threshold: Option<u64>,
+    /// …or SECS after the first event not yet flushed.
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<f64>,
+    /// Flush and output even when no event arrived.
+    #[arg(long)]
+    emit_empty: bool,
+    /// Send each output as an event into this bucket.
+    #[arg(long, value_name = "BUCKET")]
+    forward: Option<String>,
+    /// Run this shell command at each flush (admin; daemon needs --allow-exec).
+    #[arg(long, value_name = "COMMAND")]
+    exec: Option<String>,
+    /// Kill the exec command after SECS seconds (default 60).
+    #[arg(long, value_name = "SECS")]
+    exec_timeout: Option<f64>,
+}
+
+impl OptionFlags {
+    fn to_json(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut m = serde_json::Map::new();
+        let mut put = |k: &str, v: Option<serde_json::Value>| {
+            if let Some(v) = v {
+                m.insert(k.to_owned(), v);
+            }
+        };
+        put("every", self.every.map(Into::into));
+        put("threshold", self.threshold.map(Into::into));
+        put("timeout", self.timeout.map(Into::into));
+        put("emit_empty", self.emit_empty.then_some(true.into()));
+        put("forward", self.forward.clone().map(Into::into));
+        put("exec", self.exec.clone().map(Into::into));
+        put("exec_timeout", self.exec_timeout.map(Into::into));
+        m
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum HandlerCmd {
+    /// Read the handler files again (admin); buckets created afterwards use them.
+    Reload,
+    /// Run a handler file locally over a file of events (one per line), without a
+    /// server, and print the view (default), the dump, or the flush outputs.
+    Test(handler_test::TestArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -145,11 +228,6 @@ enum UserCmd {
     },
 }
 
-/// SEND frames kept in flight while streaming stdin.
-const SEND_WINDOW: usize = 64;
-/// Bytes of events per SEND frame when streaming stdin (well under the server maximum).
-const SEND_BATCH_BYTES: usize = 256 * 1024;
-
 fn main() -> ExitCode {
     let args = Args::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -171,6 +249,9 @@ fn fail(msg: &str) -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), String> {
+    if let Cmd::Handler(HandlerCmd::Test(test)) = &args.command {
+        return handler_test::run(test);
+    }
     let connected = if args.tls || args.ca.is_some() {
         Client::connect_tls(&args.host, args.port, args.ca.as_deref()).await
     } else {
@@ -185,29 +266,51 @@ async fn run(args: Args) -> Result<(), String> {
         let password = secret(args.password, &format!("password for {user}: "))?;
         client.login(&user, &password).await.map_err(text)?;
     }
-    let print = |v: serde_json::Value| println!("{v}");
+    let print = |v: serde_json::Value| print_json(&v);
     match args.command {
         Cmd::Whoami => print(client.whoami().await.map_err(text)?),
         Cmd::User(cmd) => user(&client, cmd).await?,
         Cmd::Ping => {
             client.ping().await.map_err(text)?;
-            println!("PONG");
+            print_line("PONG");
         }
         Cmd::Create {
             bucket,
             handler,
             config,
+            options,
         } => {
             let config = config
                 .map(|c| {
                     serde_json::from_str(&c).map_err(|e| format!("--config is not valid JSON: {e}"))
                 })
                 .transpose()?;
+            let options = serde_json::Value::Object(options.to_json());
             client
-                .create(&bucket, &handler, config.as_ref())
+                .create_with(&bucket, &handler, config.as_ref(), &options)
                 .await
                 .map_err(text)?;
         }
+        Cmd::Alter {
+            bucket,
+            options,
+            unset,
+        } => {
+            let mut changes = options.to_json();
+            for key in unset {
+                changes.insert(key, serde_json::Value::Null);
+            }
+            if changes.is_empty() {
+                return Err("nothing to change: give an option flag or --unset OPTION".into());
+            }
+            client
+                .alter(&bucket, &serde_json::Value::Object(changes))
+                .await
+                .map_err(text)?;
+        }
+        Cmd::Subscribe { bucket, count } => subscribe(&client, &bucket, count).await?,
+        Cmd::Handler(HandlerCmd::Reload) => print(client.reload().await.map_err(text)?),
+        Cmd::Handler(HandlerCmd::Test(_)) => {}
         Cmd::Drop { bucket } => client.drop_bucket(&bucket).await.map_err(text)?,
         Cmd::List => print(client.list().await.map_err(text)?),
         Cmd::Send {
@@ -246,7 +349,7 @@ async fn user(client: &Client, cmd: UserCmd) -> Result<(), String> {
             let password = secret(new_password, &format!("new password for {name}: "))?;
             client.user_passwd(&name, &password).await
         }
-        UserCmd::List => client.user_list().await.map(|v| println!("{v}")),
+        UserCmd::List => client.user_list().await.map(|v| print_json(&v)),
         UserCmd::Grant {
             name,
             permission,
@@ -275,89 +378,22 @@ fn secret(given: Option<String>, prompt: &str) -> Result<String, String> {
     rpassword::prompt_password(prompt).map_err(|e| format!("cannot read the password: {e}"))
 }
 
+/// Prints each output as one line until `count` outputs, or fails when the
+/// subscription ends.
+async fn subscribe(client: &Client, bucket: &str, count: Option<u64>) -> Result<(), String> {
+    let mut sub = client.subscribe(bucket).await.map_err(text)?;
+    let mut seen = 0u64;
+    while count.is_none_or(|n| seen < n) {
+        match sub.next().await {
+            Some(Ok(record)) => print_line(&String::from_utf8_lossy(&record)),
+            Some(Err(e)) => return Err(format!("subscription ended: {e}")),
+            None => return Err("subscription ended: connection closed".into()),
+        }
+        seen += 1;
+    }
+    Ok(())
+}
+
 fn text(e: ClientError) -> String {
     e.to_string()
-}
-
-/// Streams stdin as batches of lines, keeping up to [`SEND_WINDOW`] frames in flight.
-/// Lines lose their `\n` (and a `\r` before it); nothing else is changed.
-async fn send_stdin(client: &Client, bucket: &str, batch: usize) -> Result<(), String> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<Vec<u8>>>>(4);
-    std::thread::spawn(move || read_batches(batch, tx));
-    let mut window: VecDeque<(u64, PendingReply)> = VecDeque::new();
-    let (mut sent, mut accepted, mut rejected, mut first_reason) = (0u64, 0u64, 0u64, None);
-    let mut settle = |outcome: bucketly::protocol::SendOutcome, offset: u64| {
-        accepted += u64::from(outcome.accepted);
-        rejected += u64::from(outcome.rejected);
-        if first_reason.is_none() {
-            first_reason = outcome
-                .reasons
-                .first()
-                .map(|(i, r)| (offset as u32 + i, r.clone()));
-        }
-    };
-    while let Some(events) = rx.recv().await {
-        let events = events.map_err(|e| format!("reading stdin: {e}"))?;
-        if window.len() >= SEND_WINDOW {
-            if let Some((offset, p)) = window.pop_front() {
-                settle(Client::finish_send(p).await.map_err(text)?, offset);
-            }
-        }
-        let pending = client.start_send(bucket, &events).await.map_err(text)?;
-        window.push_back((sent, pending));
-        sent += events.len() as u64;
-    }
-    for (offset, p) in window {
-        settle(Client::finish_send(p).await.map_err(text)?, offset);
-    }
-    report(accepted, rejected, first_reason)
-}
-
-fn read_batches(batch: usize, tx: tokio::sync::mpsc::Sender<std::io::Result<Vec<Vec<u8>>>>) {
-    let stdin = std::io::stdin();
-    let mut input = stdin.lock();
-    let mut events = Vec::with_capacity(batch);
-    let mut bytes = 0;
-    loop {
-        let mut line = Vec::new();
-        match input.read_until(b'\n', &mut line) {
-            Ok(0) => break,
-            Ok(_) => {
-                if line.last() == Some(&b'\n') {
-                    line.pop();
-                    if line.last() == Some(&b'\r') {
-                        line.pop();
-                    }
-                }
-                bytes += line.len() + 4;
-                events.push(line);
-                if events.len() >= batch || bytes >= SEND_BATCH_BYTES {
-                    bytes = 0;
-                    if tx.blocking_send(Ok(std::mem::take(&mut events))).is_err() {
-                        return;
-                    }
-                }
-            }
-            Err(e) => {
-                let _ = tx.blocking_send(Err(e));
-                return;
-            }
-        }
-    }
-    if !events.is_empty() {
-        let _ = tx.blocking_send(Ok(events));
-    }
-}
-
-fn report(accepted: u64, rejected: u64, first: Option<(u32, String)>) -> Result<(), String> {
-    if rejected == 0 {
-        return Ok(());
-    }
-    let first = first
-        .map(|(i, r)| format!("; first: event {i}: {r}"))
-        .unwrap_or_default();
-    Err(format!(
-        "{rejected} of {} events rejected{first}",
-        accepted + rejected
-    ))
 }
