@@ -375,15 +375,7 @@ impl Client {
         handler: &str,
         config: Option<&serde_json::Value>,
     ) -> Result<(), ClientError> {
-        let config = config.map(|c| c.to_string()).unwrap_or_default();
-        self.call(Command::Create {
-            bucket: bucket.into(),
-            handler: handler.into(),
-            config: config.into(),
-            options: Bytes::new(),
-        })
-        .await
-        .map(|_| ())
+        self.create_raw(bucket, handler, config, Bytes::new()).await
     }
 
     /// CREATE with bucket options (schedule and sinks, see PROTOCOL.md), for example
@@ -398,12 +390,23 @@ impl Client {
         config: Option<&serde_json::Value>,
         options: &serde_json::Value,
     ) -> Result<(), ClientError> {
+        let options = options.to_string().into();
+        self.create_raw(bucket, handler, config, options).await
+    }
+
+    async fn create_raw(
+        &self,
+        bucket: &str,
+        handler: &str,
+        config: Option<&serde_json::Value>,
+        options: Bytes,
+    ) -> Result<(), ClientError> {
         let config = config.map(|c| c.to_string()).unwrap_or_default();
         self.call(Command::Create {
             bucket: bucket.into(),
             handler: handler.into(),
             config: config.into(),
-            options: options.to_string().into(),
+            options,
         })
         .await
         .map(|_| ())

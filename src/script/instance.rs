@@ -326,6 +326,98 @@ mod tests {
     }
 
     #[test]
+    fn flush_gets_ctx_and_collects_emits() {
+        let src = r#"
+            local H = {}
+            function H.send(s, e) s[#s + 1] = e end
+            function H.view(s) return #s end
+            function H.dump(s) local n = #s for i = #s, 1, -1 do s[i] = nil end return n end
+            function H.flush(s, ctx)
+              if #s == 0 then return nil end
+              for _, e in ipairs(s) do ctx.emit("out", e) end
+              ctx.emit("out", {n = #s})
+              ctx.log("flushing", #s, "events")
+              local out = {bucket = ctx.bucket, seq = ctx.seq, events = ctx.events, n = #s}
+              for i = #s, 1, -1 do s[i] = nil end
+              return out
+            end
+            return H"#;
+        let mut h = HandlerInstance::new(
+            &handler(src),
+            &serde_json::Value::Null,
+            &ScriptLimits::default(),
+        )
+        .expect("loads");
+        h.send(b"a").expect("a");
+        h.send(b"b").expect("b");
+        let info = FlushInfo {
+            bucket: "b1",
+            seq: 4,
+            events: 2,
+            time_ms: 1_000,
+        };
+        let f = h.flush(&info).expect("flush");
+        assert_eq!(
+            f.output.as_deref(),
+            Some(&br#"{"bucket":"b1","events":2,"n":2,"seq":4}"#[..])
+        );
+        let emitted: Vec<_> = f
+            .emits
+            .iter()
+            .map(|e| (e.bucket.as_str(), &e.event[..]))
+            .collect();
+        assert_eq!(
+            emitted,
+            [("out", &b"a"[..]), ("out", b"b"), ("out", br#"{"n":2}"#)]
+        );
+        // nil: nothing to output, and the emits of the last call are not repeated.
+        assert_eq!(h.flush(&info), Ok(Flushed::default()));
+    }
+
+    #[test]
+    fn flush_without_a_flush_function_dumps() {
+        let mut h = HandlerInstance::new(
+            &handler(ECHO),
+            &serde_json::Value::Null,
+            &ScriptLimits::default(),
+        )
+        .expect("loads");
+        h.send(b"a").expect("a");
+        let info = FlushInfo {
+            bucket: "b",
+            seq: 1,
+            events: 1,
+            time_ms: 0,
+        };
+        assert_eq!(h.flush(&info).expect("flush").output, Some(b"1".to_vec()));
+        assert_eq!(h.view(None), Ok(b"0".to_vec()), "dump reset the state");
+    }
+
+    #[test]
+    fn emits_are_bounded_per_flush() {
+        let src = r#"
+            local f = function() end
+            return {send = f, view = f, dump = f, flush = function(s, ctx)
+              for i = 1, 20000 do ctx.emit("t", "x") end
+              return 1
+            end}"#;
+        let mut h = HandlerInstance::new(
+            &handler(src),
+            &serde_json::Value::Null,
+            &ScriptLimits::default(),
+        )
+        .expect("loads");
+        let info = FlushInfo {
+            bucket: "b",
+            seq: 1,
+            events: 0,
+            time_ms: 0,
+        };
+        let err = h.flush(&info).expect_err("too many emits");
+        assert!(err.to_string().contains("at most 10000 events"), "{err}");
+    }
+
+    #[test]
     fn init_failure_is_reported() {
         let src = "local f = function() end return {init = function() error('bad config') end, send = f, view = f, dump = f}";
         let err = HandlerInstance::new(

@@ -118,6 +118,52 @@ mod tests {
         }
     }
 
+    fn eval_json(lua: &Lua, code: &str) -> String {
+        let v: Value = lua
+            .load(code)
+            .eval()
+            .unwrap_or_else(|e| panic!("{code}: {e}"));
+        let mut out = Vec::new();
+        write_json(&v, &mut out).expect("json");
+        String::from_utf8(out).expect("utf8")
+    }
+
+    #[test]
+    fn helpers_json_time_and_splitall() {
+        let lua = new_state(&ScriptLimits::default()).expect("state");
+        assert_eq!(
+            eval_json(&lua, r#"return json.encode({b = {1, 2}, a = "x"})"#),
+            r#""{\"a\":\"x\",\"b\":[1,2]}""#
+        );
+        assert_eq!(
+            eval_json(&lua, r#"return json.decode('{"a":[],"b":null,"c":1.5}')"#),
+            r#"{"a":[],"c":1.5}"#
+        );
+        let err = lua
+            .load("return json.decode('{')")
+            .eval::<Value>()
+            .expect_err("bad");
+        assert!(err.to_string().contains("json.decode"), "{err}");
+        let t: f64 = lua.load("return bucketly.time()").eval().expect("time");
+        assert!(t > 1.7e9, "{t}");
+        assert_eq!(
+            eval_json(&lua, r#"return bucketly.splitall("a,b,,c", ",")"#),
+            r#"["a","b","","c"]"#
+        );
+        assert_eq!(
+            eval_json(&lua, r#"return bucketly.splitall("a b c", nil, 2)"#),
+            r#"["a","b c"]"#
+        );
+        assert_eq!(
+            eval_json(&lua, r#"return bucketly.splitall("", ",")"#),
+            r#"[""]"#
+        );
+        assert!(lua
+            .load(r#"return bucketly.splitall("a", "")"#)
+            .exec()
+            .is_err());
+    }
+
     #[test]
     fn memory_limit_stops_a_string_bomb() {
         let limits = ScriptLimits {
