@@ -33,8 +33,9 @@ use super::subscribers::Subscribers;
 use super::trigger::Trigger;
 use super::{now_ms, Registry, SendCheck};
 
-/// Flushes an event may go through on its way from bucket to bucket; an event that
-/// would go further is dropped (and counted), so a forward or emit loop dies out.
+/// Hops in a row from bucket to bucket: what a flush passes on (forward, emit) travels
+/// one hop more than the most-travelled event in that flush, and a 9th hop is dropped
+/// (and counted), so a forward or emit loop dies out.
 pub const MAX_HOPS: u8 = 8;
 /// Events an exec bucket keeps for its next run; reaching it flushes early.
 pub const EXEC_MAX_PENDING_EVENTS: usize = 100_000;
@@ -233,6 +234,7 @@ impl Actor {
         for (i, event) in batch.iter().enumerate() {
             if let Err(reason) = self.instance.send(event) {
                 outcome.reject(i as u32, || reason);
+                self.note_failure();
                 continue;
             }
             outcome.accepted += 1;
@@ -379,7 +381,7 @@ impl Actor {
                 .forward_dropped
                 .fetch_add(events.len() as u64, Ordering::Relaxed);
             tracing::warn!(bucket = %self.name, target = %target,
-                "dropped {} event(s) that went through more than {MAX_HOPS} flushes: a forward or emit loop?", events.len());
+                "dropped {} event(s) that would make more than {MAX_HOPS} hops in a row: a forward or emit loop?", events.len());
             return;
         }
         self.outbox_events += events.len();

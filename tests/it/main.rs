@@ -5,6 +5,8 @@ mod cli;
 mod client;
 mod common;
 mod raw_protocol;
+mod sandbox;
+mod schedule;
 mod spec_vectors;
 mod stock_handlers;
 mod tls;
