@@ -15,6 +15,7 @@ use super::{lua_error_message, HandlerSource, ScriptError, ScriptLimits};
 /// failure, and the bucket must be dropped and created again.
 pub struct HandlerInstance {
     lua: Lua,
+    main: *mut mlua::ffi::lua_State,
     budget: std::time::Duration,
     failed: Option<String>,
     state: Value,
@@ -37,6 +38,7 @@ pub struct Flushed {
 
 struct Module {
     lua: Lua,
+    main: *mut mlua::ffi::lua_State,
     table: Table,
 }
 
@@ -52,7 +54,8 @@ fn load_module(handler: &HandlerSource, limits: &ScriptLimits) -> Result<Module,
         message,
     };
     let lua = new_state(limits).map_err(|e| load_err(lua_error_message(&e)))?;
-    let value = watchdog::within(limits.time, || {
+    let main = watchdog::main_state(&lua).map_err(|e| load_err(lua_error_message(&e)))?;
+    let value = watchdog::within(main, limits.time, || {
         lua.load(handler.source.as_str())
             .set_name(format!("={}.lua", handler.name))
             .set_mode(mlua::chunk::ChunkMode::Text)
@@ -77,7 +80,7 @@ fn load_module(handler: &HandlerSource, limits: &ScriptLimits) -> Result<Module,
             _ => return Err(load_err(format!("{optional} must be a function"))),
         }
     }
-    Ok(Module { lua, table })
+    Ok(Module { lua, main, table })
 }
 
 fn budget_message(what: &str, budget: std::time::Duration) -> String {
@@ -103,7 +106,7 @@ impl HandlerInstance {
         config: &serde_json::Value,
         limits: &ScriptLimits,
     ) -> Result<Self, ScriptError> {
-        let Module { lua, table } = load_module(handler, limits)?;
+        let Module { lua, main, table } = load_module(handler, limits)?;
         let get = |name: &str| {
             table
                 .raw_get::<Function>(name)
@@ -113,7 +116,7 @@ impl HandlerInstance {
         let flush = table.raw_get::<Option<Function>>("flush").ok().flatten();
         let config = to_lua(&lua, config).map_err(|e| runtime("config", &e))?;
         let state = match table.raw_get::<Option<Function>>("init").ok().flatten() {
-            Some(init) => watchdog::within(limits.time, || init.call::<Value>(config))
+            Some(init) => watchdog::within(main, limits.time, || init.call::<Value>(config))
                 .ok_or_else(|| ScriptError::Runtime(budget_message("init", limits.time)))?
                 .map_err(|e| runtime("init", &e))?,
             None => Value::Nil,
@@ -124,6 +127,7 @@ impl HandlerInstance {
         };
         Ok(HandlerInstance {
             lua,
+            main,
             budget: limits.time,
             failed: None,
             state,
@@ -238,7 +242,7 @@ impl HandlerInstance {
         if let Some(why) = &self.failed {
             return Err(ScriptError::Failed(why.clone()));
         }
-        match watchdog::within(self.budget, || call(self)) {
+        match watchdog::within(self.main, self.budget, || call(self)) {
             Some(result) => Ok(result),
             None => {
                 let why = budget_message(what, self.budget);
