@@ -52,7 +52,8 @@ const KILLED_C: &CStr = c"time budget exceeded";
 /// A handler thread as the watchdog sees it.
 struct Slot {
     thread: libc::pthread_t,
-    /// Coarse-clock milliseconds at which the running call must stop; 0 when idle.
+    /// Milliseconds since the watchdog's start at which the running call must stop;
+    /// 0 when idle.
     deadline: AtomicU64,
     /// Counts calls, so a signal meant for one call never stops the next one.
     call: AtomicU64,
@@ -62,10 +63,15 @@ struct Slot {
 
 struct Watchdog {
     slots: Mutex<Vec<Arc<Slot>>>,
-    /// Milliseconds since `start`, advanced every tick (cheaper than reading the clock
-    /// at every call).
-    now_ms: AtomicU64,
     start: Instant,
+}
+
+impl Watchdog {
+    /// Milliseconds since the watchdog started, rounded up: a deadline computed from it
+    /// is never early.
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64 + 1
+    }
 }
 
 static WATCHDOG: OnceLock<Watchdog> = OnceLock::new();
@@ -82,7 +88,6 @@ fn watchdog() -> &'static Watchdog {
         }
         Watchdog {
             slots: Mutex::new(Vec::new()),
-            now_ms: AtomicU64::new(1),
             start,
         }
     })
@@ -92,8 +97,7 @@ fn watch() {
     loop {
         std::thread::sleep(TICK);
         let w = watchdog();
-        let now = w.start.elapsed().as_millis() as u64 + 1;
-        w.now_ms.store(now, Ordering::Relaxed);
+        let now = w.start.elapsed().as_millis() as u64;
         // Under the lock: a thread deregisters (and exits) only after we are done with
         // its pthread_t.
         for slot in w.slots.lock().iter() {
@@ -169,7 +173,7 @@ pub(crate) fn within<R>(
         let w = watchdog();
         let ms = u64::try_from(budget.as_millis()).unwrap_or(u64::MAX / 2);
         slot.call.fetch_add(1, Ordering::AcqRel);
-        let deadline = w.now_ms.load(Ordering::Relaxed).saturating_add(ms.max(1));
+        let deadline = w.now_ms().saturating_add(ms.max(1));
         slot.deadline.store(deadline, Ordering::Release);
     }
     let result = call();
