@@ -1,5 +1,6 @@
 //! One bucket on its handler thread: the handler instance, its schedule, its
-//! subscribers and sinks. Only that thread touches an actor, so nothing here locks.
+//! subscribers and sinks, and for a durable bucket its log. Only that thread touches an
+//! actor, so nothing here locks.
 //!
 //! A flush takes the handler's output (`flush(state, ctx)`, or `dump(state)`), wraps it
 //! in a record, and hands it to every sink without waiting on any of them:
@@ -11,12 +12,15 @@
 //!             ├─▶ exec         (the events since the last flush, as files, to a command)
 //!             └─ ctx.emit ───▶ (events into other buckets, via the outbox)
 //! ```
+//!
+//! A durable bucket answers SEND and DUMP, and delivers a flush's output, only once the
+//! request's log record has committed ([`super::durable`]).
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use parking_lot::RwLock;
@@ -24,51 +28,72 @@ use tokio::sync::mpsc;
 
 use crate::error::Error;
 use crate::protocol::{ErrorCode, Response, SendBatch, SendOutcome};
-use crate::script::{FlushInfo, HandlerInstance, ScriptError};
+use crate::script::{Emit, FlushInfo, HandlerInstance, HandlerSource, ScriptError, ScriptLimits};
+use crate::store::log::{Completion, DurableLog, Outcome, Record, SEND_TAG};
+use crate::store::{Store, StoreError};
 
-use super::bucket::{BucketMsg, BucketShared};
+use super::bucket::{BucketMsg, BucketShared, Reply};
+use super::durable::{Durable, Recovery};
 use super::exec::{ExecSink, Run};
 use super::options::BucketOptions;
+use super::outbox::{Outbox, Sender};
 use super::subscribers::Subscribers;
 use super::trigger::Trigger;
+use super::worker::WorkerMsg;
 use super::{now_ms, Registry, SendCheck};
 
-/// Hops in a row from bucket to bucket: what a flush passes on (forward, emit) travels
-/// one hop more than the most-travelled event in that flush, and a 9th hop is dropped
-/// (and counted), so a forward or emit loop dies out.
-pub const MAX_HOPS: u8 = 8;
 /// Events an exec bucket keeps for its next run; reaching it flushes early.
 pub const EXEC_MAX_PENDING_EVENTS: usize = 100_000;
 /// Bytes of events an exec bucket keeps for its next run; reaching it flushes early.
 pub const EXEC_MAX_PENDING_BYTES: usize = 16 * 1024 * 1024;
-/// Events waiting in a bucket's outbox for full mailboxes at most; older ones are
-/// dropped (and counted) beyond it.
-pub const MAX_OUTBOX_EVENTS: usize = 100_000;
-/// How soon a delivery to a full mailbox is tried again.
-const OUTBOX_RETRY: Duration = Duration::from_millis(20);
 
-/// What every actor shares: where other buckets are, who may send where, and where
-/// exec sinks run.
+/// What every actor shares: where other buckets are, who may send where, where exec
+/// sinks run, and the durable log.
 pub(crate) struct ActorEnv {
     pub registry: Arc<RwLock<Registry>>,
     pub may_send: SendCheck,
     pub runtime: tokio::runtime::Handle,
     pub exec_dir: PathBuf,
+    pub store: Arc<Store>,
+    pub log: Arc<DurableLog>,
 }
 
-/// Events on their way to another bucket.
-struct Parcel {
-    target: String,
-    events: Vec<Vec<u8>>,
-    hops: u8,
-}
-
-pub(crate) struct Actor {
+/// Everything a new actor starts from.
+pub(crate) struct ActorInit {
+    pub id: u64,
     pub name: String,
     pub owner: String,
     pub instance: HandlerInstance,
     pub mailbox: mpsc::Receiver<BucketMsg>,
     pub shared: Arc<BucketShared>,
+    pub options: BucketOptions,
+    pub handler: Arc<HandlerSource>,
+    pub config: serde_json::Value,
+    pub limits: ScriptLimits,
+    pub worker: crossbeam_channel::Sender<WorkerMsg>,
+    /// The durable log uid; 0 for an in-memory bucket.
+    pub uid: u64,
+}
+
+/// Where a flush's output goes; for a durable bucket, once its record has committed.
+struct Delivery {
+    record: Option<Bytes>,
+    hops: u8,
+    run: Option<Run>,
+    emits: Vec<Emit>,
+}
+
+pub(crate) struct Actor {
+    id: u64,
+    pub name: String,
+    owner: String,
+    pub instance: HandlerInstance,
+    pub mailbox: mpsc::Receiver<BucketMsg>,
+    pub shared: Arc<BucketShared>,
+    handler: Arc<HandlerSource>,
+    config: serde_json::Value,
+    limits: ScriptLimits,
+    worker: crossbeam_channel::Sender<WorkerMsg>,
     options: BucketOptions,
     trigger: Trigger,
     subscribers: Subscribers,
@@ -80,31 +105,45 @@ pub(crate) struct Actor {
     ordinal: u64,
     /// Most hops among the events since the last flush.
     hops: u8,
-    outbox: VecDeque<Parcel>,
-    outbox_events: usize,
-    outbox_retry: Option<Instant>,
+    outbox: Outbox,
     seq: u64,
     flush_failures: u64,
+    durable: Option<Durable>,
+    /// Flush outputs of a durable bucket waiting for their records to commit.
+    awaiting: VecDeque<(u64, Delivery)>,
+}
+
+/// The answer to a durable request whose record did not commit.
+fn not_written(id: u32, e: &StoreError) -> Response {
+    let msg = format!("not written to disk, so not acknowledged: {e}");
+    Response::error(id, ErrorCode::StorageError, &msg)
+}
+
+/// A completion that sends `response` (or the failure) to `reply`.
+fn answer_after_commit(id: u32, reply: Reply, response: Response) -> Completion {
+    Box::new(move |outcome: Outcome<'_>| {
+        let _ = reply.send(match outcome {
+            Ok(()) => response,
+            Err(e) => not_written(id, e),
+        });
+    })
 }
 
 impl Actor {
-    pub fn new(
-        name: String,
-        owner: String,
-        instance: HandlerInstance,
-        mailbox: mpsc::Receiver<BucketMsg>,
-        shared: Arc<BucketShared>,
-        options: BucketOptions,
-        env: &ActorEnv,
-    ) -> Actor {
+    pub fn new(init: ActorInit, env: &ActorEnv) -> Actor {
         let now = Instant::now();
         let mut actor = Actor {
-            name,
-            owner,
-            instance,
-            mailbox,
-            shared,
-            trigger: Trigger::new(options.schedule(), now),
+            id: init.id,
+            name: init.name,
+            owner: init.owner,
+            instance: init.instance,
+            mailbox: init.mailbox,
+            shared: init.shared,
+            handler: init.handler,
+            config: init.config,
+            limits: init.limits,
+            worker: init.worker,
+            trigger: Trigger::new(init.options.schedule(), now),
             options: BucketOptions::default(),
             subscribers: Subscribers::default(),
             exec: None,
@@ -112,13 +151,13 @@ impl Actor {
             retained_bytes: 0,
             ordinal: 0,
             hops: 0,
-            outbox: VecDeque::new(),
-            outbox_events: 0,
-            outbox_retry: None,
+            outbox: Outbox::default(),
             seq: 0,
             flush_failures: 0,
+            durable: (init.uid != 0).then(|| Durable::new(init.uid)),
+            awaiting: VecDeque::new(),
         };
-        actor.configure(options, env, now);
+        actor.configure(init.options, env, now);
         actor
     }
 
@@ -145,9 +184,17 @@ impl Actor {
         self.options = options;
     }
 
+    fn sender(&self) -> Sender<'_> {
+        Sender {
+            name: &self.name,
+            owner: &self.owner,
+            stats: &self.shared.stats,
+        }
+    }
+
     /// When the thread must call [`Actor::tick`] next, if ever.
     pub fn wakeup(&self) -> Option<Instant> {
-        match (self.trigger.deadline(), self.outbox_retry) {
+        match (self.trigger.deadline(), self.outbox.retry_at()) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
@@ -158,29 +205,43 @@ impl Actor {
         if self.trigger.due(now) {
             self.flush(env, now);
         }
-        if self.outbox_retry.is_some_and(|t| now >= t) {
-            self.deliver(env, now);
+        if self.outbox.retry_at().is_some_and(|t| now >= t) {
+            let mut outbox = std::mem::take(&mut self.outbox);
+            outbox.deliver(&self.sender(), env, now);
+            self.outbox = outbox;
         }
+    }
+
+    /// Why a durable request must be refused now, if it must.
+    fn unavailable(&self, env: &ActorEnv) -> Option<String> {
+        self.durable.as_ref().and_then(|d| d.unavailable(env))
     }
 
     /// Handles one mailbox message; false once the bucket is dropped.
     pub fn handle(&mut self, msg: BucketMsg, env: &ActorEnv) -> bool {
         let (reply, response) = match msg {
             BucketMsg::Send { id, batch, reply } => {
-                let outcome = self.apply(&batch, 0, env);
                 self.shared.stats.sends.fetch_add(1, Ordering::Relaxed);
-                (reply, Response::ok(id, outcome.encode()))
+                if let Some(why) = self.unavailable(env) {
+                    (reply, Response::error(id, ErrorCode::StorageError, &why))
+                } else {
+                    let (outcome, tail) = self.apply(&batch, 0, env);
+                    let response = Response::ok(id, outcome.encode());
+                    match tail {
+                        None => (reply, response),
+                        Some(record) => {
+                            self.append(
+                                env,
+                                record,
+                                Some(answer_after_commit(id, reply, response)),
+                            );
+                            return true;
+                        }
+                    }
+                }
             }
             BucketMsg::Forwarded { batch, hops } => {
-                let outcome = self.apply(&batch, hops, env);
-                let stats = &self.shared.stats;
-                stats
-                    .received
-                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                if outcome.rejected > 0 {
-                    tracing::debug!(bucket = %self.name, rejected = outcome.rejected,
-                        "forwarded events rejected by the handler");
-                }
+                self.forwarded(&batch, hops, env);
                 return true;
             }
             BucketMsg::View { id, arg, reply } => {
@@ -190,8 +251,19 @@ impl Actor {
             }
             BucketMsg::Dump { id, reply } => {
                 self.shared.stats.dumps.fetch_add(1, Ordering::Relaxed);
-                let result = self.instance.dump();
-                (reply, self.json_response(id, result))
+                if let Some(why) = self.unavailable(env) {
+                    (reply, Response::error(id, ErrorCode::StorageError, &why))
+                } else {
+                    let result = self.instance.dump();
+                    let ok = result.is_ok();
+                    let response = self.json_response(id, result);
+                    if ok && self.durable.is_some() {
+                        let done = answer_after_commit(id, reply, response);
+                        self.append(env, Record::Dump.encode(), Some(done));
+                        return true;
+                    }
+                    (reply, response)
+                }
             }
             BucketMsg::Subscribe {
                 id,
@@ -217,6 +289,9 @@ impl Actor {
             BucketMsg::Stop => {
                 let msg = format!("bucket {:?} was dropped", self.name);
                 self.subscribers.end_all(ErrorCode::NoSuchBucket, &msg);
+                if let Some(d) = &self.durable {
+                    d.forget(env);
+                }
                 return false;
             }
         };
@@ -225,12 +300,48 @@ impl Actor {
         true
     }
 
+    fn forwarded(&mut self, batch: &SendBatch, hops: u8, env: &ActorEnv) {
+        let stats = &self.shared.stats;
+        if let Some(why) = self.unavailable(env) {
+            stats
+                .forward_dropped
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            tracing::warn!(bucket = %self.name, "dropped {} forwarded event(s): {why}", batch.len());
+            return;
+        }
+        stats
+            .received
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let (outcome, tail) = self.apply(batch, hops, env);
+        if let Some(record) = tail {
+            self.append(env, record, None);
+        }
+        if outcome.rejected > 0 {
+            tracing::debug!(bucket = %self.name, rejected = outcome.rejected,
+                "forwarded events rejected by the handler");
+        }
+    }
+
     /// Applies a batch event by event; a threshold reached mid-batch flushes right
-    /// there, so every output holds exactly `threshold` events.
-    fn apply(&mut self, batch: &SendBatch, hops: u8, env: &ActorEnv) -> SendOutcome {
+    /// there, so every output holds exactly `threshold` events. For a durable bucket,
+    /// the events before such a flush are logged before it, and the rest are returned
+    /// as the record for the caller to log (with the answer).
+    fn apply(
+        &mut self,
+        batch: &SendBatch,
+        hops: u8,
+        env: &ActorEnv,
+    ) -> (SendOutcome, Option<Vec<u8>>) {
         let mut outcome = SendOutcome::default();
         let now = Instant::now();
         let keep = self.exec.is_some();
+        let durable = self.durable.is_some();
+        let events: Vec<&[u8]> = if durable {
+            batch.iter().collect()
+        } else {
+            Vec::new()
+        };
+        let mut logged = 0; // events of the batch already in a record
         for (i, event) in batch.iter().enumerate() {
             if let Err(reason) = self.instance.send(event) {
                 outcome.reject(i as u32, || reason);
@@ -248,6 +359,15 @@ impl Actor {
                 && (self.retained.len() >= EXEC_MAX_PENDING_EVENTS
                     || self.retained_bytes >= EXEC_MAX_PENDING_BYTES);
             if self.trigger.event(now) || full {
+                if durable {
+                    let record = send_record(
+                        batch,
+                        &events[logged..=i],
+                        logged == 0 && i + 1 == events.len(),
+                    );
+                    self.append(env, record, None);
+                    logged = i + 1;
+                }
                 self.flush(env, now);
             }
         }
@@ -261,7 +381,17 @@ impl Actor {
         stats
             .pending
             .store(self.trigger.pending(), Ordering::Relaxed);
-        outcome
+        // The rest (possibly none: an empty record still carries the answer).
+        let tail = durable.then(|| send_record(batch, &events[logged..], logged == 0));
+        (outcome, tail)
+    }
+
+    /// Queues a record of this durable bucket, then snapshots if one is due.
+    fn append(&mut self, env: &ActorEnv, record: Vec<u8>, done: Option<Completion>) {
+        if let Some(d) = &mut self.durable {
+            d.append(env, record, done);
+            d.maybe_snapshot(env, &self.instance, self.seq, &self.name);
+        }
     }
 
     fn json_response(&self, id: u32, result: Result<Vec<u8>, ScriptError>) -> Response {
@@ -302,6 +432,12 @@ impl Actor {
             self.trigger.flushed(now);
             return;
         }
+        if let Some(why) = self.unavailable(env) {
+            self.trigger.failed(now);
+            stats.flush_errors.fetch_add(1, Ordering::Relaxed);
+            self.flush_failed(&why);
+            return;
+        }
         stats.flushes.fetch_add(1, Ordering::Relaxed);
         let time_ms = now_ms();
         let info = FlushInfo {
@@ -315,13 +451,7 @@ impl Actor {
             Err(e) => {
                 self.trigger.failed(now);
                 stats.flush_errors.fetch_add(1, Ordering::Relaxed);
-                self.flush_failures += 1;
-                // The first failure, then every 100th: a broken handler must not
-                // flood the log at every period.
-                if self.flush_failures % 100 == 1 {
-                    tracing::warn!(bucket = %self.name, failures = self.flush_failures,
-                        "flush failed; its events stay for the next flush: {e}");
-                }
+                self.flush_failed(&e.to_string());
                 self.note_failure();
                 return;
             }
@@ -333,9 +463,12 @@ impl Actor {
         let retained = std::mem::take(&mut self.retained);
         self.retained_bytes = 0;
         let first = self.ordinal + 1 - retained.len() as u64;
-        for emit in flushed.emits {
-            self.post(emit.bucket, vec![emit.event], hops);
-        }
+        let mut delivery = Delivery {
+            record: None,
+            hops,
+            run: None,
+            emits: flushed.emits,
+        };
         // A `flush` that returned nil outputs nothing, but an exec sink still gets the
         // events (with a null output).
         if flushed.output.is_some() || self.exec.is_some() {
@@ -343,120 +476,222 @@ impl Actor {
             stats.outputs.store(self.seq, Ordering::Relaxed);
             let output = flushed.output.as_deref().unwrap_or(b"null");
             let record = record(&self.name, self.seq, time_ms, events, output);
-            if flushed.output.is_some() {
-                self.publish(&record, hops);
-            }
-            if let Some(exec) = &self.exec {
-                exec.submit(Run {
+            if self.exec.is_some() {
+                delivery.run = Some(Run {
                     seq: self.seq,
                     first,
                     events: retained,
-                    output: record,
+                    output: record.clone(),
                 });
             }
+            if flushed.output.is_some() {
+                delivery.record = Some(record);
+            }
         }
-        self.deliver(env, now);
+        if self.durable.is_some() {
+            let seq = if delivery.record.is_some() || delivery.run.is_some() {
+                self.seq
+            } else {
+                0
+            };
+            let (worker, id) = (self.worker.clone(), self.id);
+            let lsn = self.durable.as_ref().map_or(0, Durable::next_lsn);
+            let done: Completion = Box::new(move |outcome: Outcome<'_>| {
+                let ok = outcome.is_ok();
+                let _ = worker.send(WorkerMsg::Committed { id, lsn, ok });
+            });
+            self.append(env, Record::Flush { seq }.encode(), Some(done));
+            self.awaiting.push_back((lsn, delivery));
+        } else {
+            self.deliver(delivery, env, now);
+        }
     }
 
-    /// A record to the subscribers and the forward target.
-    fn publish(&mut self, record: &Bytes, hops: u8) {
-        let shared = self.shared.clone();
-        let stats = &shared.stats;
-        let published = self.subscribers.publish(&self.name, record);
-        if published.lagged > 0 {
-            stats.lagged.fetch_add(published.lagged, Ordering::Relaxed);
-            tracing::info!(bucket = %self.name, "disconnected {} subscriber(s) that fell behind", published.lagged);
-        }
-        self.count_subscribers();
-        if let Some(target) = self.options.forward.clone() {
-            self.post(target, vec![record.to_vec()], hops);
+    /// The first failure, then every 100th: a broken handler or store must not flood the
+    /// log at every period.
+    fn flush_failed(&mut self, why: &str) {
+        self.flush_failures += 1;
+        if self.flush_failures % 100 == 1 {
+            tracing::warn!(bucket = %self.name, failures = self.flush_failures,
+                "flush failed; its events stay for the next flush: {why}");
         }
     }
 
-    /// Queues events for another bucket, unless that would exceed the hop limit.
-    fn post(&mut self, target: String, events: Vec<Vec<u8>>, hops: u8) {
-        let stats = &self.shared.stats;
-        if hops > MAX_HOPS {
-            stats
-                .forward_dropped
-                .fetch_add(events.len() as u64, Ordering::Relaxed);
-            tracing::warn!(bucket = %self.name, target = %target,
-                "dropped {} event(s) that would make more than {MAX_HOPS} hops in a row: a forward or emit loop?", events.len());
-            return;
-        }
-        self.outbox_events += events.len();
-        self.outbox.push_back(Parcel {
-            target,
-            events,
-            hops,
-        });
-        while self.outbox_events > MAX_OUTBOX_EVENTS {
-            let Some(old) = self.outbox.pop_front() else {
+    /// The flush records of this durable bucket up to `lsn` have committed (or failed):
+    /// their outputs go out (or are dropped).
+    pub fn committed(&mut self, lsn: u64, ok: bool, env: &ActorEnv) {
+        while self.awaiting.front().is_some_and(|(l, _)| *l <= lsn) {
+            let Some((_, delivery)) = self.awaiting.pop_front() else {
                 break;
             };
-            self.outbox_events -= old.events.len();
-            stats
-                .forward_dropped
-                .fetch_add(old.events.len() as u64, Ordering::Relaxed);
-            tracing::warn!(bucket = %self.name, target = %old.target,
-                "outbox full ({MAX_OUTBOX_EVENTS} events): dropped {} event(s)", old.events.len());
-        }
-    }
-
-    /// Delivers the outbox in order; stops at the first full mailbox and retries soon.
-    fn deliver(&mut self, env: &ActorEnv, now: Instant) {
-        self.outbox_retry = None;
-        while let Some(parcel) = self.outbox.pop_front() {
-            let n = parcel.events.len();
-            match self.try_deliver(env, parcel) {
-                Ok(()) => {
-                    self.outbox_events -= n;
-                }
-                Err(Some(parcel)) => {
-                    self.outbox.push_front(parcel);
-                    self.outbox_retry = Some(now + OUTBOX_RETRY);
-                    return;
-                }
-                Err(None) => {
-                    self.outbox_events -= n;
-                }
+            if ok {
+                self.deliver(delivery, env, Instant::now());
             }
         }
     }
 
-    /// `Err(Some)`: try again later; `Err(None)`: dropped (and counted, and logged).
-    fn try_deliver(&self, env: &ActorEnv, parcel: Parcel) -> Result<(), Option<Parcel>> {
-        let stats = &self.shared.stats;
-        let n = parcel.events.len() as u64;
-        let drop = |why: &str| {
-            stats.forward_dropped.fetch_add(n, Ordering::Relaxed);
-            tracing::warn!(bucket = %self.name, target = %parcel.target, "dropped {n} event(s): {why}");
-            Err(None)
-        };
-        if !(env.may_send)(&self.owner, &parcel.target) {
-            let why = format!(
-                "the bucket's owner {:?} lacks permission send on it",
-                self.owner
-            );
-            return drop(&why);
+    fn deliver(&mut self, delivery: Delivery, env: &ActorEnv, now: Instant) {
+        let mut outbox = std::mem::take(&mut self.outbox);
+        {
+            let from = self.sender();
+            for emit in delivery.emits {
+                outbox.post(&from, emit.bucket, vec![emit.event], delivery.hops);
+            }
         }
-        let handle = env.registry.read().buckets.get(&parcel.target).cloned();
-        let Some(handle) = handle else {
-            return drop("no such bucket");
+        if let Some(record) = &delivery.record {
+            let published = self.subscribers.publish(&self.name, record);
+            if published.lagged > 0 {
+                self.shared
+                    .stats
+                    .lagged
+                    .fetch_add(published.lagged, Ordering::Relaxed);
+                tracing::info!(bucket = %self.name, "disconnected {} subscriber(s) that fell behind", published.lagged);
+            }
+            self.count_subscribers();
+            if let Some(target) = self.options.forward.clone() {
+                outbox.post(&self.sender(), target, vec![record.to_vec()], delivery.hops);
+            }
+        }
+        if let (Some(run), Some(exec)) = (delivery.run, &self.exec) {
+            exec.submit(run);
+        }
+        outbox.deliver(&self.sender(), env, now);
+        self.outbox = outbox;
+    }
+
+    /// Graceful shutdown: a durable bucket snapshots its state.
+    pub fn shutdown(&mut self, env: &ActorEnv) {
+        if let Some(d) = &mut self.durable {
+            d.snapshot(env, &self.instance, self.seq, &self.name);
+        }
+    }
+
+    /// The durable INFO fields, refreshed into the shared counters.
+    pub fn publish_info(&self) {
+        if let Some(d) = &self.durable {
+            *self.shared.stats.durable.lock() = Some(d.to_json());
+        }
+    }
+
+    /// Rebuilds a durable bucket's state from disk: the snapshot, then the records after
+    /// it. `fresh` starts from a new handler instance (after a failed write); at start-up
+    /// the instance `init` just made is used.
+    ///
+    /// # Errors
+    /// Why the state could not be rebuilt.
+    pub fn recover(&mut self, env: &ActorEnv, fresh: bool) -> Result<(), String> {
+        let Some(d) = &self.durable else {
+            return Ok(());
         };
-        let msg = BucketMsg::Forwarded {
-            batch: SendBatch::from_events(&parcel.events),
-            hops: parcel.hops,
+        if !d.drain() {
+            return Err("records of the bucket are still being written".into());
+        }
+        let uid = d.uid;
+        let started = Instant::now();
+        if fresh {
+            self.instance = HandlerInstance::new(&self.handler, &self.config, &self.limits)
+                .map_err(|e| e.to_string())?;
+            self.retained.clear();
+            self.retained_bytes = 0;
+            self.awaiting.clear();
+        }
+        let snapshot = env.store.snapshot(uid).map_err(|e| e.to_string())?;
+        let (mut seq, snapshot_lsn) = match &snapshot {
+            Some(s) => {
+                self.instance.restore(&s.state).map_err(|e| e.to_string())?;
+                (s.seq, s.lsn)
+            }
+            None => (0, 0),
         };
-        match handle.try_post(msg) {
-            Ok(()) => {
-                stats.forwarded.fetch_add(n, Ordering::Relaxed);
+        let mut recovery = Recovery {
+            snapshot_lsn,
+            ..Recovery::default()
+        };
+        let keep = self.exec.is_some();
+        let (instance, retained) = (&mut self.instance, &mut self.retained);
+        let (mut pending, mut ordinal) = (0u64, self.ordinal);
+        let bucket = self.name.clone();
+        let last = env
+            .store
+            .replay(uid, snapshot_lsn, |lsn, bytes| {
+                recovery.records += 1;
+                match Record::decode(bytes) {
+                    Ok(Record::Send(batch)) => {
+                        let batch = SendBatch::from_record(batch)
+                            .map_err(|e| StoreError::Io(format!("record {lsn}: {e}")))?;
+                        for event in batch.iter() {
+                            if instance.send(event).is_ok() {
+                                recovery.events += 1;
+                                pending += 1;
+                                ordinal += 1;
+                                if keep {
+                                    retained.push(event.to_vec());
+                                }
+                            }
+                        }
+                    }
+                    Ok(Record::Dump) => {
+                        let _ = instance.dump();
+                    }
+                    Ok(Record::Flush { seq: s }) => {
+                        let info = FlushInfo {
+                            bucket: &bucket,
+                            seq: s,
+                            events: pending,
+                            time_ms: now_ms(),
+                        };
+                        let _ = instance.flush(&info);
+                        pending = 0;
+                        retained.clear();
+                        if s > 0 {
+                            seq = s;
+                        }
+                    }
+                    Err(e) => {
+                        return Err(StoreError::Io(format!("record {lsn} is unreadable: {e}")))
+                    }
+                }
                 Ok(())
-            }
-            Err(Some(_)) => Err(Some(parcel)),
-            Err(None) => drop("the bucket was dropped"),
+            })
+            .map_err(|e| e.to_string())?;
+        if let Some(why) = self.instance.failure() {
+            return Err(format!("replaying the log failed the handler: {why}"));
         }
+        self.retained_bytes = self.retained.iter().map(Vec::len).sum();
+        self.ordinal = ordinal;
+        self.seq = seq;
+        self.shared.stats.outputs.store(seq, Ordering::Relaxed);
+        self.trigger.set_pending(pending, Instant::now());
+        self.shared.stats.pending.store(pending, Ordering::Relaxed);
+        recovery.millis = started.elapsed().as_millis() as u64;
+        tracing::info!(
+            bucket = %self.name,
+            snapshot_lsn,
+            records = recovery.records,
+            events = recovery.events,
+            millis = recovery.millis,
+            "durable bucket recovered: snapshot at record {snapshot_lsn}, {} record(s) with {} event(s) replayed in {} ms",
+            recovery.records, recovery.events, recovery.millis
+        );
+        if let Some(d) = &mut self.durable {
+            d.reloaded(last, snapshot_lsn, recovery);
+        }
+        self.publish_info();
+        Ok(())
     }
+}
+
+/// A SEND record of `events` (a run of the batch's events); `whole`: they are all of
+/// them, so the batch's bytes are copied as they are.
+fn send_record(batch: &SendBatch, events: &[&[u8]], whole: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.push(SEND_TAG);
+    if whole {
+        batch.write_record(&mut out);
+    } else {
+        SendBatch::from_events(events).write_record(&mut out);
+    }
+    out
 }
 
 /// The output record: `{"bucket","seq","time_ms","events","output"}`, keys sorted like

@@ -115,6 +115,8 @@ pub struct BucketStats {
     pub pending: AtomicU64,
     /// Why the bucket's handler is failed (time budget), if it is.
     pub failure: parking_lot::Mutex<Option<String>>,
+    /// A durable bucket's log position and last recovery, as INFO shows them.
+    pub durable: parking_lot::Mutex<Option<serde_json::Value>>,
 }
 
 /// State shared by a bucket's handle and its actor.

@@ -6,8 +6,10 @@
 
 mod actor;
 mod bucket;
+mod durable;
 mod exec;
 mod options;
+mod outbox;
 mod stats;
 mod subscribers;
 mod trigger;
@@ -23,12 +25,14 @@ use parking_lot::RwLock;
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
-pub use actor::{EXEC_MAX_PENDING_BYTES, EXEC_MAX_PENDING_EVENTS, MAX_HOPS, MAX_OUTBOX_EVENTS};
+pub use actor::{EXEC_MAX_PENDING_BYTES, EXEC_MAX_PENDING_EVENTS};
 pub use bucket::{
     validate_bucket_name, BucketHandle, BucketMsg, BucketShared, Reply, MAX_BUCKET_NAME,
 };
+pub use durable::{SNAPSHOT_EVERY_BYTES, SNAPSHOT_EVERY_RECORDS};
 pub use exec::{ExecStats, MAX_KEPT_RUNS, QUEUE_RUNS};
 pub use options::{requested_sinks, BucketOptions, Schedule};
+pub use outbox::{MAX_HOPS, MAX_OUTBOX_EVENTS};
 pub use stats::ServerStats;
 pub use subscribers::{
     push_channel, Push, PushKind, PushSink, PushStream, StillAllowed, Subscriber,
@@ -38,9 +42,10 @@ pub use subscribers::{
 use crate::config::Config;
 use crate::error::Error;
 use crate::script::{HandlerCatalog, ScriptLimits};
+use crate::store::log::DurableLog;
 use crate::store::{BucketSpec, Store};
 use actor::ActorEnv;
-use worker::{CreateMsg, WorkerMsg, WorkerPool};
+use worker::{BucketStart, CreateMsg, WorkerMsg, WorkerPool};
 
 /// Whether user `.0` may send to bucket `.1`; asked before a flush delivers events to
 /// another bucket on behalf of the bucket's owner.
@@ -63,6 +68,7 @@ pub struct Engine {
     registry: Arc<RwLock<Registry>>,
     workers: WorkerPool,
     store: Arc<Store>,
+    log: Arc<DurableLog>,
     catalog: RwLock<Arc<HandlerCatalog>>,
     handler_dir: HandlerDir,
     limits: ScriptLimits,
@@ -102,17 +108,32 @@ impl Engine {
     ) -> std::io::Result<Engine> {
         let registry = Arc::new(RwLock::new(Registry::default()));
         let runtime = tokio::runtime::Handle::try_current().map_err(std::io::Error::other)?;
+        let reload = registry.clone();
+        let log = Arc::new(DurableLog::start(
+            store.clone(),
+            Box::new(move || {
+                // Every durable bucket reloads from disk, dropping what did not commit.
+                for h in reload.read().buckets.values() {
+                    if h.options.durable {
+                        let _ = h.worker.send(WorkerMsg::Recover(h.id));
+                    }
+                }
+            }),
+        )?);
         let env = Arc::new(ActorEnv {
             registry: registry.clone(),
             may_send,
             runtime,
             // Absolute: commands run in their run directory and get these paths.
             exec_dir: std::path::absolute(config.exec_dir())?,
+            store: store.clone(),
+            log: log.clone(),
         });
         Ok(Engine {
             registry,
             workers: WorkerPool::start(config.worker_threads(), env)?,
             store,
+            log,
             catalog: RwLock::new(Arc::new(catalog)),
             handler_dir: HandlerDir {
                 dir: config.handlers_dir.clone(),
@@ -139,6 +160,16 @@ impl Engine {
             Err(e) => return vec![format!("cannot read buckets: {e}")],
         };
         let mut problems = Vec::new();
+        let live: HashSet<u64> = stored
+            .iter()
+            .filter_map(|(_, spec)| spec.as_ref().ok().map(|s| s.uid))
+            .filter(|&uid| uid != 0)
+            .collect();
+        match self.store.blocking(move |s| s.forget_all_but(&live)).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("removed the durable data of {n} dropped bucket(s)"),
+            Err(e) => problems.push(format!("cannot clean the durable log: {e}")),
+        }
         for (name, spec) in stored {
             let result = match spec {
                 Ok(spec) => self.start_bucket(name.clone(), spec, false).await,
@@ -188,12 +219,20 @@ impl Engine {
         };
         let options = BucketOptions::parse(options)?;
         self.check_options(name, &options)?;
+        let created_ms = now_ms();
+        let uid = if options.durable {
+            // Unique over the file's life: a dropped bucket's records never mix in.
+            (created_ms << 20) | (self.next_id.fetch_add(1, Ordering::Relaxed) & 0xF_FFFF)
+        } else {
+            0
+        };
         let spec = BucketSpec {
             handler: handler.to_owned(),
             config,
             options: options.to_map(),
-            created_ms: now_ms(),
+            created_ms,
             owner: owner.to_owned(),
+            uid,
         };
         self.start_bucket(name.to_owned(), spec, true).await
     }
@@ -252,16 +291,23 @@ impl Engine {
         let (tx, mailbox) = mpsc::channel(self.mailbox);
         let shared = Arc::new(BucketShared::default());
         let (reply, initialised) = oneshot::channel();
+        if options.durable && spec.uid == 0 {
+            return Err(Error::Storage("durable bucket without a log uid".into()));
+        }
         let create = CreateMsg {
-            id,
-            name: name.clone(),
-            owner: spec.owner.clone(),
-            options: options.clone(),
-            handler,
-            config: spec.config.clone(),
-            limits: self.limits.clone(),
-            mailbox,
-            shared: shared.clone(),
+            start: BucketStart {
+                id,
+                name: name.clone(),
+                owner: spec.owner.clone(),
+                options: options.clone(),
+                handler,
+                config: spec.config.clone(),
+                limits: self.limits.clone(),
+                uid: if options.durable { spec.uid } else { 0 },
+                recover: options.durable && !persist,
+                mailbox,
+                shared: shared.clone(),
+            },
             reply,
         };
         worker
@@ -447,6 +493,7 @@ impl Engine {
                 v["events"] = json!(events);
                 v["handler_memory_bytes"] = json!(memory);
                 v["handler_threads"] = json!(self.workers.len());
+                v["storage"] = self.storage_json();
                 v["handlers"] = json!(self
                     .catalog
                     .read()
@@ -459,11 +506,18 @@ impl Engine {
         Ok(value)
     }
 
-    /// Stops the handler threads; requests still queued are dropped. Call after the
-    /// connections have drained.
+    /// Stops the handler threads (durable buckets snapshot their state first), then
+    /// commits what the durable log holds. Requests still queued are dropped. Call
+    /// after the connections have drained.
     pub fn shutdown(&self) {
         self.registry.write().buckets.clear();
         self.workers.shutdown();
+        self.log.shutdown();
+    }
+
+    /// Whether durable writes are possible now, and the durable log's counters.
+    pub fn storage_json(&self) -> serde_json::Value {
+        self.log.health.to_json()
     }
 }
 
@@ -498,6 +552,7 @@ fn bucket_info(h: &BucketHandle) -> serde_json::Value {
         "received": load(&s.received),
         "failed": *s.failure.lock(),
         "exec": h.options.exec.is_some().then(|| h.shared.exec.to_json()),
+        "durable": s.durable.lock().clone(),
     })
 }
 

@@ -47,6 +47,10 @@ pub struct BucketOptions {
     /// Seconds an exec command may run before it is killed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exec_timeout: Option<f64>,
+    /// Acknowledge SEND and DUMP only once they are in the database file, and recover
+    /// the state after a restart or a crash. Set at CREATE only.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub durable: bool,
 }
 
 /// When a bucket flushes.
@@ -138,6 +142,11 @@ impl BucketOptions {
         let serde_json::Value::Object(changes) = changes else {
             return Err(invalid("options must be a JSON object"));
         };
+        if changes.contains_key("durable") {
+            return Err(invalid(
+                "durable is set at CREATE and cannot be changed: create a new bucket",
+            ));
+        }
         let mut merged = self.to_map();
         for (key, value) in changes {
             if value.is_null() {
@@ -286,6 +295,11 @@ mod tests {
         let o = o.altered(br#"{"forward": null}"#).expect("removed");
         assert_eq!(o.forward, None);
         assert!(o.altered(br#"{"every": null}"#).is_ok());
+        assert!(o
+            .altered(br#"{"durable": true}"#)
+            .expect_err("durable is fixed")
+            .to_string()
+            .contains("cannot be changed"));
         let o = o
             .altered(br#"{"every": null, "threshold": 3, "timeout": 1}"#)
             .expect("switch");

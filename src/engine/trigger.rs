@@ -59,6 +59,15 @@ impl Trigger {
         }
     }
 
+    /// After a recovery: `pending` events are waiting, the first of them from `now`
+    /// as far as a threshold timeout is concerned.
+    pub fn set_pending(&mut self, pending: u64, now: Instant) {
+        self.pending = pending;
+        if let Schedule::Threshold { timeout, .. } = self.schedule {
+            self.deadline = (pending > 0).then_some(now + timeout);
+        }
+    }
+
     /// Events accepted since the last flush.
     pub fn pending(&self) -> u64 {
         self.pending

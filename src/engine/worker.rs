@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::error::Error;
 use crate::script::{HandlerInstance, HandlerSource, ScriptLimits};
 
-use super::actor::{Actor, ActorEnv};
+use super::actor::{Actor, ActorEnv, ActorInit};
 use super::bucket::{BucketMsg, BucketShared};
 use super::options::BucketOptions;
 
@@ -40,12 +40,30 @@ pub(crate) enum WorkerMsg {
     Run(u64),
     /// Start a new bucket on this thread.
     Create(Box<CreateMsg>),
+    /// A durable bucket's flush records up to `lsn` have committed (or failed).
+    Committed {
+        /// The bucket.
+        id: u64,
+        /// Its last flush record concerned.
+        lsn: u64,
+        /// Whether the commit succeeded.
+        ok: bool,
+    },
+    /// The database can be written again: reload this durable bucket from it.
+    Recover(u64),
     /// Drop every bucket and end the thread.
     Shutdown,
 }
 
 /// Everything a thread needs to start a bucket.
 pub(crate) struct CreateMsg {
+    pub start: BucketStart,
+    /// Answers once the handler's `init` ran (and, when recovering, the log replayed).
+    pub reply: oneshot::Sender<Result<(), Error>>,
+}
+
+/// What a thread starts a bucket from.
+pub(crate) struct BucketStart {
     pub id: u64,
     pub name: String,
     pub owner: String,
@@ -53,10 +71,12 @@ pub(crate) struct CreateMsg {
     pub handler: Arc<HandlerSource>,
     pub config: serde_json::Value,
     pub limits: ScriptLimits,
+    /// The durable log uid; 0 for an in-memory bucket.
+    pub uid: u64,
+    /// Rebuild the state from the durable log (at start-up).
+    pub recover: bool,
     pub mailbox: mpsc::Receiver<BucketMsg>,
     pub shared: Arc<BucketShared>,
-    /// Answers once the handler's `init` ran.
-    pub reply: oneshot::Sender<Result<(), Error>>,
 }
 
 /// The running handler threads.
@@ -148,7 +168,26 @@ impl Worker {
             match msg {
                 Some(WorkerMsg::Run(id)) => self.run_bucket(id),
                 Some(WorkerMsg::Create(create)) => self.create(*create),
-                Some(WorkerMsg::Shutdown) => break,
+                Some(WorkerMsg::Committed { id, lsn, ok }) => {
+                    if let Some(slot) = self.actors.get_mut(&id) {
+                        slot.actor.committed(lsn, ok, &self.env);
+                        self.arm(id);
+                    }
+                }
+                Some(WorkerMsg::Recover(id)) => {
+                    if let Some(slot) = self.actors.get_mut(&id) {
+                        if let Err(e) = slot.actor.recover(&self.env, true) {
+                            tracing::error!(bucket = %slot.actor.name,
+                                "cannot reload the durable bucket from disk; it keeps refusing writes: {e}");
+                        }
+                    }
+                }
+                Some(WorkerMsg::Shutdown) => {
+                    for slot in self.actors.values_mut() {
+                        slot.actor.shutdown(&self.env);
+                    }
+                    break;
+                }
                 None => {}
             }
             self.fire_timers();
@@ -189,26 +228,54 @@ impl Worker {
     }
 
     fn create(&mut self, c: CreateMsg) {
-        let result = HandlerInstance::new(&c.handler, &c.config, &c.limits);
-        let answer = match result {
-            Ok(instance) => {
-                c.shared
-                    .stats
-                    .memory
-                    .store(instance.memory_used() as u64, Ordering::Relaxed);
-                let actor = Actor::new(
-                    c.name, c.owner, instance, c.mailbox, c.shared, c.options, &self.env,
-                );
-                self.actors.insert(c.id, Slot { actor, armed: None });
-                self.arm(c.id);
-                Ok(())
-            }
-            Err(e) => Err(Error::Handler(e.to_string())),
-        };
-        if c.reply.send(answer).is_err() {
+        let id = c.start.id;
+        if c.reply.send(self.start(c.start)).is_err() {
             // The creator gave up (its connection closed): forget the bucket.
-            self.actors.remove(&c.id);
+            self.actors.remove(&id);
         }
+    }
+
+    fn start(&mut self, c: BucketStart) -> Result<(), Error> {
+        let id = c.id;
+        let instance = HandlerInstance::new(&c.handler, &c.config, &c.limits)
+            .map_err(|e| Error::Handler(e.to_string()))?;
+        if c.uid != 0 {
+            if let Err(e) = instance.snapshot() {
+                let msg = format!(
+                    "handler {:?} cannot be used for a durable bucket: {e}",
+                    c.handler.name
+                );
+                return Err(Error::Handler(msg));
+            }
+        }
+        c.shared
+            .stats
+            .memory
+            .store(instance.memory_used() as u64, Ordering::Relaxed);
+        let init = ActorInit {
+            id,
+            name: c.name,
+            owner: c.owner,
+            instance,
+            mailbox: c.mailbox,
+            shared: c.shared,
+            options: c.options,
+            handler: c.handler,
+            config: c.config,
+            limits: c.limits,
+            worker: self.me.clone(),
+            uid: c.uid,
+        };
+        let mut actor = Actor::new(init, &self.env);
+        if c.recover {
+            actor
+                .recover(&self.env, false)
+                .map_err(|e| Error::Storage(format!("cannot recover the durable state: {e}")))?;
+        }
+        actor.publish_info();
+        self.actors.insert(id, Slot { actor, armed: None });
+        self.arm(id);
+        Ok(())
     }
 
     fn run_bucket(&mut self, id: u64) {
@@ -233,6 +300,7 @@ impl Worker {
             .stats
             .memory
             .store(actor.instance.memory_used() as u64, Ordering::Relaxed);
+        actor.publish_info();
         if !actor.mailbox.is_empty() && !actor.shared.scheduled.swap(true, Ordering::AcqRel) {
             let _ = self.me.send(WorkerMsg::Run(id));
         }

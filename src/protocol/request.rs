@@ -308,6 +308,29 @@ impl SendBatch {
         self.data.len()
     }
 
+    /// The batch as stored in a durable log record: `count:u32be` then the events, the
+    /// wire layout after the bucket name.
+    pub fn to_record(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(4 + self.data.len());
+        self.write_record(&mut v);
+        v
+    }
+
+    /// Appends what [`SendBatch::to_record`] returns to `out`.
+    pub fn write_record(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.count.to_be_bytes());
+        out.extend_from_slice(&self.data);
+    }
+
+    /// Reads what [`SendBatch::to_record`] wrote.
+    ///
+    /// # Errors
+    /// [`WireError`] if the bytes do not match the layout.
+    pub fn from_record(bytes: &[u8]) -> Result<SendBatch, WireError> {
+        let mut r = Reader::new(Bytes::copy_from_slice(bytes));
+        SendBatch::decode(&mut r)
+    }
+
     /// The events in order.
     pub fn iter(&self) -> impl Iterator<Item = &[u8]> + '_ {
         let mut rest: &[u8] = &self.data;

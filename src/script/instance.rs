@@ -257,6 +257,30 @@ impl HandlerInstance {
         self.failed.as_deref()
     }
 
+    /// The state as bytes, for a durable bucket's snapshot.
+    ///
+    /// # Errors
+    /// [`ScriptError::Runtime`] naming what the state holds that cannot be kept (a
+    /// function, a shared table, ...); [`ScriptError::Failed`] for a failed instance.
+    pub fn snapshot(&self) -> Result<Vec<u8>, ScriptError> {
+        if let Some(why) = &self.failed {
+            return Err(ScriptError::Failed(why.clone()));
+        }
+        let mut out = Vec::new();
+        super::snapshot::encode(&self.state, &mut out).map_err(ScriptError::Runtime)?;
+        Ok(out)
+    }
+
+    /// Replaces the state with one made by [`HandlerInstance::snapshot`].
+    ///
+    /// # Errors
+    /// [`ScriptError::Runtime`] if the bytes are not a snapshot or do not fit in memory.
+    pub fn restore(&mut self, snapshot: &[u8]) -> Result<(), ScriptError> {
+        self.state = super::snapshot::decode(&self.lua, snapshot)
+            .map_err(|e| ScriptError::Runtime(format!("cannot restore the snapshot: {e}")))?;
+        Ok(())
+    }
+
     /// Whether the handler defines `flush(state, ctx)` (called by scheduled processing).
     pub fn has_flush(&self) -> bool {
         self.flush.is_some()

@@ -9,12 +9,14 @@ mod context;
 mod instance;
 mod json;
 mod sandbox;
+mod snapshot;
 mod watchdog;
 
 pub use catalog::{HandlerCatalog, HandlerSource, Origin, MAX_HANDLER_FILE};
 pub use context::{Emit, FlushInfo, MAX_EMITS, MAX_EMIT_BYTES};
 pub use instance::{Flushed, HandlerInstance};
 pub use json::MAX_DEPTH;
+pub use snapshot::MAX_SNAPSHOT_DEPTH;
 
 /// Limits applied to each handler instance.
 #[derive(Debug, Clone)]

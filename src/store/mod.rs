@@ -1,17 +1,25 @@
-//! The database file (redb). Today it holds bucket configuration; users and durable
-//! bucket state join it in later releases, each in its own table.
+//! The database file (redb): bucket configuration, users, and the state of durable
+//! buckets, each in its own table.
 //!
 //! Tables:
 //! - `meta`: `schema_version` → u64. A file written by a newer schema is refused.
 //! - `buckets`: bucket name → [`BucketSpec`] as JSON.
 //! - `users`: user name → [`crate::auth::UserRecord`] as JSON (password as an argon2id
 //!   PHC string, never in clear).
+//! - `log`, `snapshots`: durable buckets ([`log`]).
 //!
 //! redb calls block (a commit waits for fsync), so async callers go through
-//! `spawn_blocking`.
+//! `spawn_blocking`, and durable writes through the writer thread of [`log`].
+//!
+//! After a failed write redb refuses everything until the database is opened again, so
+//! the [`Database`] sits behind a lock and [`Store::reopen`] replaces it.
+
+pub mod log;
 
 use std::path::Path;
+use std::sync::Arc;
 
+use parking_lot::RwLock;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
@@ -19,6 +27,9 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const BUCKETS: TableDefinition<&str, &[u8]> = TableDefinition::new("buckets");
 const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
 const SCHEMA_VERSION: u64 = 1;
+
+/// Opens the database again (the file, or a test's storage backend).
+pub type Opener = Box<dyn Fn() -> Result<Database, redb::DatabaseError> + Send + Sync>;
 
 /// A storage failure, with a message fit for one log line.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +81,11 @@ pub struct BucketSpec {
     /// permissions. Empty for buckets stored before owners were recorded.
     #[serde(default)]
     pub owner: String,
+    /// Identifies this incarnation of the bucket in the durable log (0: not durable).
+    /// A bucket dropped and created again under the same name gets a new one, so its
+    /// old records can never mix with the new.
+    #[serde(default)]
+    pub uid: u64,
 }
 
 /// A stored record: its name and its value, or why the record does not parse.
@@ -77,7 +93,9 @@ pub type Stored<T> = (String, Result<T, String>);
 
 /// The open database file.
 pub struct Store {
-    db: Database,
+    db: RwLock<Option<Database>>,
+    opener: Opener,
+    shown: String,
 }
 
 impl Store {
@@ -87,8 +105,32 @@ impl Store {
     /// [`StoreError::Locked`], [`StoreError::Corrupt`], [`StoreError::TooNew`] or
     /// [`StoreError::Io`], each with a message naming the file.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let shown = path.display().to_string();
-        let db = Database::create(path).map_err(|e| match e {
+        let file = path.to_owned();
+        Store::open_with(
+            path.display().to_string(),
+            Box::new(move || Database::create(&file)),
+        )
+    }
+
+    /// Opens the database `opener` makes (tests pass one with a fault-injecting
+    /// storage backend); `shown` names it in messages.
+    ///
+    /// # Errors
+    /// As [`Store::open`].
+    pub fn open_with(shown: String, opener: Opener) -> Result<Store, StoreError> {
+        let db = Store::first_open(&shown, &opener)?;
+        let store = Store {
+            db: RwLock::new(Some(db)),
+            opener,
+            shown: shown.clone(),
+        };
+        store.check_schema(&shown)?;
+        Ok(store)
+    }
+
+    fn first_open(shown: &str, opener: &Opener) -> Result<Database, StoreError> {
+        let shown = shown.to_owned();
+        opener().map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked(shown.clone()),
             redb::DatabaseError::Storage(redb::StorageError::Io(e))
                 if e.kind() != std::io::ErrorKind::InvalidData =>
@@ -99,14 +141,40 @@ impl Store {
                 path: shown.clone(),
                 detail: other.to_string(),
             },
-        })?;
-        let store = Store { db };
-        store.check_schema(&shown)?;
-        Ok(store)
+        })
+    }
+
+    /// Closes and opens the database again: after a failed write redb refuses every
+    /// operation until then. Then checks that a write commits.
+    ///
+    /// # Errors
+    /// Why it still cannot be written; the store stays closed (every call fails) until
+    /// a later reopen succeeds.
+    pub fn reopen(&self) -> Result<(), StoreError> {
+        let mut db = self.db.write();
+        drop(db.take()); // releases the file lock before opening again
+        *db = Some(Store::first_open(&self.shown, &self.opener)?);
+        drop(db);
+        self.check_schema(&self.shown)
+    }
+
+    /// Runs `f` on the open database.
+    fn with<T>(&self, f: impl FnOnce(&Database) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        match self.db.read().as_ref() {
+            Some(db) => f(db),
+            None => Err(StoreError::Io(format!(
+                "database {} is closed after a failed write; it is being opened again",
+                self.shown
+            ))),
+        }
     }
 
     fn check_schema(&self, shown: &str) -> Result<(), StoreError> {
-        let tx = self.db.begin_write().map_err(io)?;
+        self.with(|db| Store::check_schema_of(db, shown))
+    }
+
+    fn check_schema_of(db: &Database, shown: &str) -> Result<(), StoreError> {
+        let tx = db.begin_write().map_err(io)?;
         {
             let mut meta = tx.open_table(META).map_err(|e| StoreError::Corrupt {
                 path: shown.to_owned(),
@@ -127,6 +195,7 @@ impl Store {
             }
             tx.open_table(BUCKETS).map_err(io)?;
             tx.open_table(USERS).map_err(io)?;
+            log::create_tables(&tx).map_err(io)?;
         }
         tx.commit().map_err(io)
     }
@@ -137,7 +206,7 @@ impl Store {
     /// # Errors
     /// What `f` returns, or [`StoreError::Io`] if the blocking task fails.
     pub async fn blocking<T: Send + 'static>(
-        self: &std::sync::Arc<Self>,
+        self: &Arc<Self>,
         f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let store = self.clone();
@@ -197,25 +266,36 @@ impl Store {
 
     fn put_json<T: Serialize>(&self, table: Table, key: &str, value: &T) -> Result<(), StoreError> {
         let value = serde_json::to_vec(value).map_err(io)?;
-        let tx = self.db.begin_write().map_err(io)?;
-        tx.open_table(table)
-            .map_err(io)?
-            .insert(key, value.as_slice())
-            .map_err(io)?;
-        tx.commit().map_err(io)
+        self.with(|db| {
+            let tx = db.begin_write().map_err(io)?;
+            tx.open_table(table)
+                .map_err(io)?
+                .insert(key, value.as_slice())
+                .map_err(io)?;
+            tx.commit().map_err(io)
+        })
     }
 
     fn delete(&self, table: Table, key: &str) -> Result<(), StoreError> {
-        let tx = self.db.begin_write().map_err(io)?;
-        tx.open_table(table).map_err(io)?.remove(key).map_err(io)?;
-        tx.commit().map_err(io)
+        self.with(|db| {
+            let tx = db.begin_write().map_err(io)?;
+            tx.open_table(table).map_err(io)?.remove(key).map_err(io)?;
+            tx.commit().map_err(io)
+        })
     }
 
     fn all_json<T: for<'de> Deserialize<'de>>(
         &self,
         table: Table,
     ) -> Result<Vec<Stored<T>>, StoreError> {
-        let tx = self.db.begin_read().map_err(io)?;
+        self.with(|db| Store::all_json_of(db, table))
+    }
+
+    fn all_json_of<T: for<'de> Deserialize<'de>>(
+        db: &Database,
+        table: Table,
+    ) -> Result<Vec<Stored<T>>, StoreError> {
+        let tx = db.begin_read().map_err(io)?;
         let table = tx.open_table(table).map_err(io)?;
         let mut out = Vec::new();
         for row in table.iter().map_err(io)? {
@@ -241,6 +321,7 @@ mod tests {
             options: Default::default(),
             created_ms: 1,
             owner: "admin".into(),
+            uid: 0,
         }
     }
 

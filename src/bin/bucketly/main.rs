@@ -61,6 +61,10 @@ enum Cmd {
         /// Handler config as JSON.
         #[arg(long)]
         config: Option<String>,
+        /// Acknowledge sends and dumps only once they are on disk, and recover the
+        /// state after a crash or restart.
+        #[arg(long)]
+        durable: bool,
         #[command(flatten)]
         options: OptionFlags,
     },
@@ -278,6 +282,7 @@ async fn run(args: Args) -> Result<(), String> {
             bucket,
             handler,
             config,
+            durable,
             options,
         } => {
             let config = config
@@ -285,7 +290,11 @@ async fn run(args: Args) -> Result<(), String> {
                     serde_json::from_str(&c).map_err(|e| format!("--config is not valid JSON: {e}"))
                 })
                 .transpose()?;
-            let options = serde_json::Value::Object(options.to_json());
+            let mut options = options.to_json();
+            if durable {
+                options.insert("durable".into(), true.into());
+            }
+            let options = serde_json::Value::Object(options);
             client
                 .create_with(&bucket, &handler, config.as_ref(), &options)
                 .await

@@ -1,0 +1,640 @@
+//! The durable log: what durable buckets did, in order, and snapshots of their states.
+//!
+//! ```text
+//!  actors ──Op (bounded queue)──▶ writer thread: take every queued op (up to a batch)
+//!                                   one write transaction, one commit (fsync)
+//!                                   then every op's completion, in order
+//! ```
+//!
+//! One writer thread owns durable writes, so many connections' and buckets' records share
+//! one commit (group commit): durable throughput grows with concurrency. Tables:
+//!
+//! - `log`: (bucket uid, lsn) → record. A record is one SEND batch (or forwarded
+//!   batch), one DUMP, or one flush: [`Record`].
+//! - `snapshots`: bucket uid → `lsn:u64be seq:u64be state`, the state after the record
+//!   `lsn`, and the last output `seq`. A snapshot and the removal of the records it
+//!   covers are one transaction, so a crash between them cannot lose or repeat anything.
+//!
+//! A failed commit *latches* the log: every op is refused until the database has been
+//! opened again and a write has committed; the writer retries that with a growing pause
+//! (1 s, doubling up to 30 s). Completions then report failure, never success.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+
+use super::{io, Store, StoreError};
+
+const LOG: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("log");
+const SNAPSHOTS: TableDefinition<u64, &[u8]> = TableDefinition::new("snapshots");
+
+/// Ops queued for the writer at most; a full queue makes the durable buckets wait.
+pub const QUEUE_OPS: usize = 16 * 1024;
+/// Ops one commit takes at most.
+pub const BATCH_OPS: usize = 4096;
+/// Bytes of records one commit takes at most (one larger record commits alone).
+pub const BATCH_BYTES: usize = 32 * 1024 * 1024;
+/// First pause before reopening a failed database; doubles up to [`MAX_RETRY`].
+pub const FIRST_RETRY: Duration = Duration::from_secs(1);
+/// Longest pause between reopen attempts.
+pub const MAX_RETRY: Duration = Duration::from_secs(30);
+
+pub(super) fn create_tables(tx: &WriteTransaction) -> Result<(), redb::TableError> {
+    tx.open_table(LOG)?;
+    tx.open_table(SNAPSHOTS)?;
+    Ok(())
+}
+
+/// What a durable bucket did, as stored in one log record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record<'a> {
+    /// A SEND batch (or a forwarded one): `count:u32be` then `count` × blob32, exactly
+    /// the SEND wire layout after the bucket name.
+    Send(&'a [u8]),
+    /// A DUMP.
+    Dump,
+    /// A flush that produced output `seq` (0: it produced none).
+    Flush {
+        /// The output's sequence number.
+        seq: u64,
+    },
+}
+
+/// The first byte of a [`Record::Send`].
+pub const SEND_TAG: u8 = 1;
+const SEND: u8 = SEND_TAG;
+const DUMP: u8 = 2;
+const FLUSH: u8 = 3;
+
+impl Record<'_> {
+    /// The stored bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Record::Send(batch) => {
+                let mut v = Vec::with_capacity(1 + batch.len());
+                v.push(SEND);
+                v.extend_from_slice(batch);
+                v
+            }
+            Record::Dump => vec![DUMP],
+            Record::Flush { seq } => {
+                let mut v = vec![FLUSH];
+                v.extend_from_slice(&seq.to_be_bytes());
+                v
+            }
+        }
+    }
+
+    /// Reads stored bytes.
+    ///
+    /// # Errors
+    /// A description of what is malformed.
+    pub fn decode(bytes: &[u8]) -> Result<Record<'_>, String> {
+        match bytes.split_first() {
+            Some((&SEND, batch)) => Ok(Record::Send(batch)),
+            Some((&DUMP, [])) => Ok(Record::Dump),
+            Some((&FLUSH, seq)) => {
+                let seq: [u8; 8] = seq.try_into().map_err(|_| "malformed flush record")?;
+                Ok(Record::Flush {
+                    seq: u64::from_be_bytes(seq),
+                })
+            }
+            Some((tag, _)) => Err(format!("unknown record tag {tag}")),
+            None => Err("empty record".into()),
+        }
+    }
+}
+
+/// How an op ended: committed, or why not.
+pub type Outcome<'a> = Result<(), &'a StoreError>;
+
+/// Called once an op has committed or failed, on the writer thread; must not block.
+pub type Completion = Box<dyn FnOnce(Outcome<'_>) + Send>;
+
+/// One durable write.
+pub enum Op {
+    /// Append a record.
+    Append {
+        /// The bucket's uid.
+        uid: u64,
+        /// The record's number, increasing per bucket.
+        lsn: u64,
+        /// [`Record::encode`].
+        record: Vec<u8>,
+        /// Called after the commit.
+        done: Option<Completion>,
+    },
+    /// Store a snapshot taken after record `lsn`, and remove the records it covers.
+    Snapshot {
+        /// The bucket's uid.
+        uid: u64,
+        /// The last record the state includes.
+        lsn: u64,
+        /// The last output's sequence number.
+        seq: u64,
+        /// The encoded state.
+        state: Vec<u8>,
+        /// Called after the commit.
+        done: Option<Completion>,
+    },
+    /// Remove every record and the snapshot of a dropped bucket.
+    Forget {
+        /// The bucket's uid.
+        uid: u64,
+    },
+}
+
+impl Op {
+    fn bytes(&self) -> usize {
+        match self {
+            Op::Append { record, .. } => record.len(),
+            Op::Snapshot { state, .. } => state.len(),
+            Op::Forget { .. } => 0,
+        }
+    }
+
+    fn done(&mut self) -> Option<Completion> {
+        match self {
+            Op::Append { done, .. } | Op::Snapshot { done, .. } => done.take(),
+            Op::Forget { .. } => None,
+        }
+    }
+}
+
+/// Whether durable writes are possible, shared with everyone who asks before queueing.
+#[derive(Debug, Default)]
+pub struct Health {
+    failed: AtomicBool,
+    error: Mutex<Option<String>>,
+    /// Commits made.
+    pub commits: AtomicU64,
+    /// Ops committed.
+    pub ops: AtomicU64,
+    /// Commits that failed.
+    pub failures: AtomicU64,
+}
+
+impl Health {
+    /// `None` when writes are possible, else why not.
+    pub fn problem(&self) -> Option<String> {
+        if !self.failed.load(Ordering::Acquire) {
+            return None;
+        }
+        Some(self.error.lock().clone().unwrap_or_default())
+    }
+
+    fn latch(&self, e: &StoreError) {
+        *self.error.lock() = Some(e.to_string());
+        self.failed.store(true, Ordering::Release);
+        self.failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn clear(&self) {
+        self.failed.store(false, Ordering::Release);
+        *self.error.lock() = None;
+    }
+
+    /// The counters as JSON, for server INFO.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "healthy": !self.failed.load(Ordering::Acquire),
+            "error": *self.error.lock(),
+            "commits": self.commits.load(Ordering::Relaxed),
+            "ops": self.ops.load(Ordering::Relaxed),
+            "failed_commits": self.failures.load(Ordering::Relaxed),
+        })
+    }
+}
+
+/// The writer thread and its queue.
+pub struct DurableLog {
+    tx: Mutex<Option<crossbeam_channel::Sender<Op>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    /// Whether writes are possible.
+    pub health: Arc<Health>,
+}
+
+impl DurableLog {
+    /// Starts the writer thread on `store`. `recovered` is called (on the writer
+    /// thread) each time the store becomes writable again after a failure.
+    ///
+    /// # Errors
+    /// If the thread cannot be spawned.
+    pub fn start(
+        store: Arc<Store>,
+        recovered: Box<dyn Fn() + Send>,
+    ) -> std::io::Result<DurableLog> {
+        let (tx, rx) = crossbeam_channel::bounded(QUEUE_OPS);
+        let health = Arc::new(Health::default());
+        let writer = Writer {
+            store,
+            health: health.clone(),
+            recovered,
+        };
+        let thread = std::thread::Builder::new()
+            .name("bucketly-writer".into())
+            .spawn(move || writer.run(rx))?;
+        Ok(DurableLog {
+            tx: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+            health,
+        })
+    }
+
+    /// Queues `op`, waiting while the queue is full. A log that is shut down completes
+    /// the op with an error at once.
+    pub fn submit(&self, mut op: Op) {
+        let tx = self.tx.lock().clone();
+        let Some(tx) = tx else {
+            if let Some(done) = op.done() {
+                done(Err(&StoreError::Io("the server is shutting down".into())));
+            }
+            return;
+        };
+        if let Err(crossbeam_channel::SendError(mut op)) = tx.send(op) {
+            if let Some(done) = op.done() {
+                done(Err(&StoreError::Io("the durable log has stopped".into())));
+            }
+        }
+    }
+
+    /// Commits what is queued and stops the writer. Call after every producer stopped.
+    pub fn shutdown(&self) {
+        drop(self.tx.lock().take());
+        if let Some(thread) = self.thread.lock().take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+struct Writer {
+    store: Arc<Store>,
+    health: Arc<Health>,
+    recovered: Box<dyn Fn() + Send>,
+}
+
+impl Writer {
+    fn run(self, rx: crossbeam_channel::Receiver<Op>) {
+        let mut retry = FIRST_RETRY;
+        loop {
+            let first = if self.health.problem().is_some() {
+                match rx.recv_timeout(retry) {
+                    Ok(op) => Some(op),
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => None,
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+                }
+            } else {
+                match rx.recv() {
+                    Ok(op) => Some(op),
+                    Err(_) => return,
+                }
+            };
+            if self.health.problem().is_some() {
+                if self.try_recover() {
+                    retry = FIRST_RETRY;
+                } else {
+                    retry = (retry * 2).min(MAX_RETRY);
+                    if let Some(op) = first {
+                        self.refuse(vec![op], &rx);
+                    }
+                    continue;
+                }
+            }
+            let Some(first) = first else { continue };
+            let mut batch = vec![first];
+            let mut bytes = batch[0].bytes();
+            while batch.len() < BATCH_OPS && bytes < BATCH_BYTES {
+                match rx.try_recv() {
+                    Ok(op) => {
+                        bytes += op.bytes();
+                        batch.push(op);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let result = self.store.with(|db| commit(db, &batch));
+            match &result {
+                Ok(()) => {
+                    self.health.commits.fetch_add(1, Ordering::Relaxed);
+                    self.health
+                        .ops
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    tracing::error!(
+                        "durable write failed, {} op(s) not acknowledged; durable buckets refuse \
+                         writes until the database can be written again: {e}",
+                        batch.len()
+                    );
+                    self.health.latch(e);
+                }
+            }
+            for mut op in batch {
+                if let Some(done) = op.done() {
+                    done(result.as_ref().map(|_| ()));
+                }
+            }
+        }
+    }
+
+    /// Fails `batch` and everything queued behind it while the store is unhealthy.
+    fn refuse(&self, mut batch: Vec<Op>, rx: &crossbeam_channel::Receiver<Op>) {
+        while let Ok(op) = rx.try_recv() {
+            batch.push(op);
+        }
+        let why = StoreError::Io(self.health.problem().unwrap_or_default());
+        for mut op in batch {
+            if let Some(done) = op.done() {
+                done(Err(&why));
+            }
+        }
+    }
+
+    fn try_recover(&self) -> bool {
+        match self.store.reopen() {
+            Ok(()) => {
+                tracing::info!("the database can be written again; durable buckets reload from it");
+                self.health.clear();
+                (self.recovered)();
+                true
+            }
+            Err(e) => {
+                tracing::warn!("the database still cannot be written: {e}");
+                *self.health.error.lock() = Some(e.to_string());
+                false
+            }
+        }
+    }
+}
+
+fn commit(db: &redb::Database, batch: &[Op]) -> Result<(), StoreError> {
+    let tx = db.begin_write().map_err(io)?;
+    {
+        let mut log = tx.open_table(LOG).map_err(io)?;
+        let mut snapshots = tx.open_table(SNAPSHOTS).map_err(io)?;
+        for op in batch {
+            match op {
+                Op::Append {
+                    uid, lsn, record, ..
+                } => {
+                    log.insert((*uid, *lsn), record.as_slice()).map_err(io)?;
+                }
+                Op::Snapshot {
+                    uid,
+                    lsn,
+                    seq,
+                    state,
+                    ..
+                } => {
+                    let mut v = Vec::with_capacity(16 + state.len());
+                    v.extend_from_slice(&lsn.to_be_bytes());
+                    v.extend_from_slice(&seq.to_be_bytes());
+                    v.extend_from_slice(state);
+                    snapshots.insert(*uid, v.as_slice()).map_err(io)?;
+                    log.retain_in((*uid, 0)..=(*uid, *lsn), |_, _| false)
+                        .map_err(io)?;
+                }
+                Op::Forget { uid } => {
+                    snapshots.remove(*uid).map_err(io)?;
+                    log.retain_in((*uid, 0)..=(*uid, u64::MAX), |_, _| false)
+                        .map_err(io)?;
+                }
+            }
+        }
+    }
+    tx.commit().map_err(io)
+}
+
+/// A stored snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The last record the state includes.
+    pub lsn: u64,
+    /// The last output's sequence number.
+    pub seq: u64,
+    /// The encoded state.
+    pub state: Vec<u8>,
+}
+
+impl Store {
+    /// The snapshot of bucket `uid`, if any.
+    ///
+    /// # Errors
+    /// [`StoreError::Io`], or a malformed snapshot.
+    pub fn snapshot(&self, uid: u64) -> Result<Option<Snapshot>, StoreError> {
+        self.with(|db| {
+            let tx = db.begin_read().map_err(io)?;
+            let table = tx.open_table(SNAPSHOTS).map_err(io)?;
+            let Some(v) = table.get(uid).map_err(io)? else {
+                return Ok(None);
+            };
+            let v = v.value();
+            if v.len() < 16 {
+                return Err(StoreError::Io(format!(
+                    "snapshot of bucket {uid} is truncated"
+                )));
+            }
+            let (lsn, rest) = v.split_at(8);
+            let (seq, state) = rest.split_at(8);
+            let n = |b: &[u8]| u64::from_be_bytes(b.try_into().unwrap_or([0; 8]));
+            Ok(Some(Snapshot {
+                lsn: n(lsn),
+                seq: n(seq),
+                state: state.to_vec(),
+            }))
+        })
+    }
+
+    /// Calls `f` with each record of bucket `uid` after `after`, in order; stops at the
+    /// first error `f` returns. Returns the last lsn seen (`after` if none).
+    ///
+    /// # Errors
+    /// [`StoreError::Io`], or what `f` returned.
+    pub fn replay(
+        &self,
+        uid: u64,
+        after: u64,
+        mut f: impl FnMut(u64, &[u8]) -> Result<(), StoreError>,
+    ) -> Result<u64, StoreError> {
+        self.with(|db| {
+            let tx = db.begin_read().map_err(io)?;
+            let table = tx.open_table(LOG).map_err(io)?;
+            let mut last = after;
+            let start = after.saturating_add(1);
+            for row in table.range((uid, start)..=(uid, u64::MAX)).map_err(io)? {
+                let (k, v) = row.map_err(io)?;
+                let (_, lsn) = k.value();
+                f(lsn, v.value())?;
+                last = lsn;
+            }
+            Ok(last)
+        })
+    }
+
+    /// Removes the log records and snapshots of every uid not in `live` (left by a
+    /// bucket dropped just before a crash). Returns how many buckets' data it removed.
+    ///
+    /// # Errors
+    /// [`StoreError::Io`].
+    pub fn forget_all_but(&self, live: &HashSet<u64>) -> Result<usize, StoreError> {
+        self.with(|db| {
+            let mut dead = HashSet::new();
+            {
+                let tx = db.begin_read().map_err(io)?;
+                for row in tx.open_table(SNAPSHOTS).map_err(io)?.iter().map_err(io)? {
+                    let uid = row.map_err(io)?.0.value();
+                    if !live.contains(&uid) {
+                        dead.insert(uid);
+                    }
+                }
+                let log = tx.open_table(LOG).map_err(io)?;
+                let mut next = Some((0u64, 0u64));
+                // One range read per uid present: jump past each uid's records.
+                while let Some(from) = next {
+                    let mut range = log.range(from..).map_err(io)?;
+                    next = match range.next() {
+                        Some(row) => {
+                            let (uid, _) = row.map_err(io)?.0.value();
+                            if !live.contains(&uid) {
+                                dead.insert(uid);
+                            }
+                            uid.checked_add(1).map(|u| (u, 0))
+                        }
+                        None => None,
+                    };
+                }
+            }
+            if dead.is_empty() {
+                return Ok(0);
+            }
+            let tx = db.begin_write().map_err(io)?;
+            {
+                let mut log = tx.open_table(LOG).map_err(io)?;
+                let mut snapshots = tx.open_table(SNAPSHOTS).map_err(io)?;
+                for &uid in &dead {
+                    snapshots.remove(uid).map_err(io)?;
+                    log.retain_in((uid, 0)..=(uid, u64::MAX), |_, _| false)
+                        .map_err(io)?;
+                }
+            }
+            tx.commit().map_err(io)?;
+            Ok(dead.len())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Arc<Store>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(Store::open(&dir.path().join("db.redb")).expect("open"));
+        (dir, store)
+    }
+
+    fn wait(log: &DurableLog, op: impl FnOnce(Completion) -> Op) -> Result<(), String> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        log.submit(op(Box::new(move |r| {
+            let _ = tx.send(r.map_err(|e| e.to_string()));
+        })));
+        rx.recv().expect("completion")
+    }
+
+    fn append(uid: u64, lsn: u64, record: Record<'_>) -> impl FnOnce(Completion) -> Op {
+        let record = record.encode();
+        move |done| Op::Append {
+            uid,
+            lsn,
+            record,
+            done: Some(done),
+        }
+    }
+
+    fn records(store: &Store, uid: u64, after: u64) -> Vec<(u64, Vec<u8>)> {
+        let mut out = Vec::new();
+        store
+            .replay(uid, after, |lsn, r| {
+                out.push((lsn, r.to_vec()));
+                Ok(())
+            })
+            .expect("replay");
+        out
+    }
+
+    #[test]
+    fn records_round_trip() {
+        for r in [
+            Record::Send(b"\x00\x00\x00\x00"),
+            Record::Dump,
+            Record::Flush { seq: 9 },
+        ] {
+            assert_eq!(Record::decode(&r.encode()), Ok(r.clone()));
+        }
+        assert!(Record::decode(b"").is_err());
+        assert!(Record::decode(b"\x09").is_err());
+        assert!(Record::decode(b"\x03\x00").is_err());
+    }
+
+    #[test]
+    fn appends_snapshots_and_forgets() {
+        let (_dir, store) = store();
+        let log = DurableLog::start(store.clone(), Box::new(|| {})).expect("start");
+        for lsn in 1..=5 {
+            wait(&log, append(7, lsn, Record::Dump)).expect("append");
+        }
+        wait(&log, append(8, 1, Record::Dump)).expect("other bucket");
+        assert_eq!(records(&store, 7, 0).len(), 5);
+        assert_eq!(
+            records(&store, 7, 3)
+                .iter()
+                .map(|r| r.0)
+                .collect::<Vec<_>>(),
+            [4, 5]
+        );
+        wait(&log, |done| Op::Snapshot {
+            uid: 7,
+            lsn: 3,
+            seq: 2,
+            state: b"st".to_vec(),
+            done: Some(done),
+        })
+        .expect("snapshot");
+        assert_eq!(
+            store.snapshot(7).expect("read"),
+            Some(Snapshot {
+                lsn: 3,
+                seq: 2,
+                state: b"st".to_vec()
+            })
+        );
+        assert_eq!(
+            records(&store, 7, 0)
+                .iter()
+                .map(|r| r.0)
+                .collect::<Vec<_>>(),
+            [4, 5]
+        );
+        log.submit(Op::Forget { uid: 7 });
+        log.shutdown();
+        assert_eq!(store.snapshot(7).expect("read"), None);
+        assert!(records(&store, 7, 0).is_empty());
+        assert_eq!(records(&store, 8, 0).len(), 1, "other buckets untouched");
+        let live: HashSet<u64> = [].into_iter().collect();
+        assert_eq!(store.forget_all_but(&live).expect("forget"), 1);
+        assert!(records(&store, 8, 0).is_empty());
+    }
+
+    #[test]
+    fn a_shut_down_log_refuses_at_once() {
+        let (_dir, store) = store();
+        let log = DurableLog::start(store, Box::new(|| {})).expect("start");
+        log.shutdown();
+        assert!(wait(&log, append(1, 1, Record::Dump)).is_err());
+    }
+}
