@@ -674,7 +674,13 @@ impl Actor {
             recovery.records, recovery.events, recovery.millis
         );
         if let Some(d) = &mut self.durable {
+            let replayed = recovery.records;
             d.reloaded(last, snapshot_lsn, recovery);
+            // A long replay is snapshotted now, before the bucket serves, rather than at
+            // its first request: the next restart is then short, even if it comes soon.
+            if replayed >= super::durable::SNAPSHOT_EVERY_RECORDS / 2 {
+                d.snapshot(env, &self.instance, self.seq, &self.name);
+            }
         }
         self.publish_info();
         Ok(())

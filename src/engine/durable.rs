@@ -144,8 +144,16 @@ impl Durable {
         }
         self.since_snapshot = 0;
         self.bytes_since = 0;
+        let started = Instant::now();
         match instance.snapshot() {
             Ok(state) => {
+                tracing::debug!(
+                    bucket,
+                    bytes = state.len(),
+                    lsn = self.lsn,
+                    "snapshot encoded in {} ms",
+                    started.elapsed().as_millis()
+                );
                 self.snapshot_error = None;
                 self.snapshot_lsn = self.lsn;
                 let done = self.track(None);

@@ -33,14 +33,29 @@ const TABLE: u8 = 6;
 /// Why the value cannot be kept, naming the path to the offending part.
 pub(crate) fn encode(v: &Value, out: &mut Vec<u8>) -> Result<(), String> {
     let mut seen = HashSet::new();
-    write(v, out, &mut seen, &mut Vec::new())
+    write(v, out, &mut seen, 0).map_err(|fail| {
+        let mut path = fail.path;
+        path.reverse();
+        let at = if path.is_empty() {
+            "the state".to_owned()
+        } else {
+            format!("state.{}", path.join("."))
+        };
+        format!("{at} {}", fail.why)
+    })
 }
 
-fn path(at: &[String]) -> String {
-    if at.is_empty() {
-        "the state".to_owned()
-    } else {
-        format!("state.{}", at.join("."))
+/// A failure and the keys leading to it, innermost first (built on the way up, so the
+/// success path allocates nothing for names).
+struct Fail {
+    path: Vec<String>,
+    why: String,
+}
+
+fn fail(why: impl Into<String>) -> Fail {
+    Fail {
+        path: Vec::new(),
+        why: why.into(),
     }
 }
 
@@ -48,8 +63,8 @@ fn write(
     v: &Value,
     out: &mut Vec<u8>,
     seen: &mut HashSet<usize>,
-    at: &mut Vec<String>,
-) -> Result<(), String> {
+    depth: usize,
+) -> Result<(), Fail> {
     match v {
         Value::Nil => out.push(NIL),
         Value::Boolean(false) => out.push(FALSE),
@@ -64,24 +79,23 @@ fn write(
         }
         Value::String(s) => {
             let b = s.as_bytes();
-            let len = u32::try_from(b.len()).map_err(|_| format!("{} is too long", path(at)))?;
+            let len = u32::try_from(b.len()).map_err(|_| fail("is too long"))?;
             out.push(STRING);
             out.extend_from_slice(&len.to_le_bytes());
             out.extend_from_slice(&b);
         }
-        Value::Table(t) => write_table(t, out, seen, at)?,
+        Value::Table(t) => write_table(t, out, seen, depth)?,
         other => {
-            return Err(format!(
-                "{} is a {}, which a durable state cannot hold",
-                path(at),
+            return Err(fail(format!(
+                "is a {}, which a durable state cannot hold",
                 other.type_name()
-            ))
+            )))
         }
     }
     Ok(())
 }
 
-fn shape(t: &Table, at: &[String]) -> Result<u8, String> {
+fn shape(t: &Table) -> Result<u8, Fail> {
     let Some(mt) = t.metatable() else {
         return Ok(0);
     };
@@ -93,10 +107,7 @@ fn shape(t: &Table, at: &[String]) -> Result<u8, String> {
     {
         Some("array") => Ok(1),
         Some("object") => Ok(2),
-        _ => Err(format!(
-            "{} has a metatable, which a durable state cannot hold",
-            path(at)
-        )),
+        _ => Err(fail("has a metatable, which a durable state cannot hold")),
     }
 }
 
@@ -104,40 +115,38 @@ fn write_table(
     t: &Table,
     out: &mut Vec<u8>,
     seen: &mut HashSet<usize>,
-    at: &mut Vec<String>,
-) -> Result<(), String> {
-    if at.len() >= MAX_SNAPSHOT_DEPTH {
-        return Err(format!(
-            "{} is nested more than {MAX_SNAPSHOT_DEPTH} tables deep",
-            path(at)
-        ));
+    depth: usize,
+) -> Result<(), Fail> {
+    if depth >= MAX_SNAPSHOT_DEPTH {
+        return Err(fail(format!(
+            "is nested more than {MAX_SNAPSHOT_DEPTH} tables deep"
+        )));
     }
     if !seen.insert(t.to_pointer() as usize) {
-        return Err(format!(
-            "{} is a table that appears twice in the state; a durable state must be a tree",
-            path(at)
+        return Err(fail(
+            "is a table that appears twice in the state; a durable state must be a tree",
         ));
     }
     out.push(TABLE);
-    out.push(shape(t, at)?);
+    out.push(shape(t)?);
     let count_at = out.len();
     out.extend_from_slice(&0u32.to_le_bytes());
     let mut n = 0u32;
     for pair in t.pairs::<Value, Value>() {
-        let (k, v) = pair.map_err(|e| format!("{}: {e}", path(at)))?;
+        let (k, v) = pair.map_err(|e| fail(e.to_string()))?;
         if matches!(k, Value::Table(_)) {
-            return Err(format!(
-                "{} has a table as a key, which a durable state cannot hold",
-                path(at)
+            return Err(fail(
+                "has a table as a key, which a durable state cannot hold",
             ));
         }
-        write(&k, out, seen, at)?;
-        at.push(key_name(&k));
-        write(&v, out, seen, at)?;
-        at.pop();
+        write(&k, out, seen, depth + 1)?;
+        write(&v, out, seen, depth + 1).map_err(|mut f| {
+            f.path.push(key_name(&k));
+            f
+        })?;
         n = n
             .checked_add(1)
-            .ok_or_else(|| format!("{} has too many entries", path(at)))?;
+            .ok_or_else(|| fail("has too many entries"))?;
     }
     out[count_at..count_at + 4].copy_from_slice(&n.to_le_bytes());
     Ok(())

@@ -67,6 +67,20 @@ impl Server {
     /// # Errors
     /// [`StartError`] with a one-line reason.
     pub async fn bind(config: Config) -> Result<Server, StartError> {
+        let path = config.database.clone();
+        let store = tokio::task::spawn_blocking(move || Store::open(&path))
+            .await
+            .map_err(|e| StartError::Runtime(std::io::Error::other(e)))??;
+        Server::bind_with_store(config, store).await
+    }
+
+    /// [`Server::bind`] on a store opened by the caller (tests open one on a
+    /// fault-injecting storage backend); `config.database` is then only used to place
+    /// the exec directory.
+    ///
+    /// # Errors
+    /// As [`Server::bind`].
+    pub async fn bind_with_store(config: Config, store: Store) -> Result<Server, StartError> {
         let tls = match &config.tls {
             Some(files) => {
                 let tls =
@@ -83,10 +97,6 @@ impl Server {
             }
             None => None,
         };
-        let path = config.database.clone();
-        let store = tokio::task::spawn_blocking(move || Store::open(&path))
-            .await
-            .map_err(|e| StartError::Runtime(std::io::Error::other(e)))??;
         let store = Arc::new(store);
         let users = store.clone();
         let auth = tokio::task::spawn_blocking(move || Auth::load(users))

@@ -4,6 +4,7 @@ mod auth;
 mod cli;
 mod client;
 mod common;
+mod durable;
 mod raw_protocol;
 mod sandbox;
 mod schedule;

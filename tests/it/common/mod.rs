@@ -66,6 +66,26 @@ impl TestServer {
         }
     }
 
+    /// A daemon with `config` on a store the caller opened (for example on a
+    /// fault-injecting storage backend); `config.database` only places the exec directory.
+    pub async fn start_with_store(config: Config, store: bucketly::store::Store) -> TestServer {
+        let server = Server::bind_with_store(config.clone(), store)
+            .await
+            .expect("daemon starts");
+        let addr = server.local_addr().expect("bound address");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async {
+            let _ = stopped.await;
+        }));
+        TestServer {
+            addr,
+            config,
+            stop: Some(stop),
+            task: Some(task),
+            _dir: None,
+        }
+    }
+
     /// A new client connection, logged in as the bootstrap admin.
     pub async fn client(&self) -> Client {
         self.client_as(ADMIN, ADMIN_PASSWORD).await
@@ -129,6 +149,19 @@ impl Daemon {
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("no address in {line:?}"));
         Daemon { addr, child }
+    }
+
+    /// A new client connection to the daemon, logged in as the bootstrap admin.
+    pub async fn client(&self) -> Client {
+        let client = Client::connect(self.addr).await.expect("client connects");
+        client.login(ADMIN, ADMIN_PASSWORD).await.expect("login");
+        client
+    }
+
+    /// SIGKILL (no graceful shutdown), then wait for the process to be gone.
+    pub async fn kill(mut self) -> std::process::ExitStatus {
+        self.child.start_kill().expect("SIGKILL");
+        self.child.wait().await.expect("wait")
     }
 
     /// SIGTERM, then wait for the exit status.
