@@ -336,11 +336,6 @@ impl Actor {
         let now = Instant::now();
         let keep = self.exec.is_some();
         let durable = self.durable.is_some();
-        let events: Vec<&[u8]> = if durable {
-            batch.iter().collect()
-        } else {
-            Vec::new()
-        };
         let mut logged = 0; // events of the batch already in a record
         for (i, event) in batch.iter().enumerate() {
             if let Err(reason) = self.instance.send(event) {
@@ -360,11 +355,7 @@ impl Actor {
                     || self.retained_bytes >= EXEC_MAX_PENDING_BYTES);
             if self.trigger.event(now) || full {
                 if durable {
-                    let record = send_record(
-                        batch,
-                        &events[logged..=i],
-                        logged == 0 && i + 1 == events.len(),
-                    );
+                    let record = send_record(batch, logged..i + 1);
                     self.append(env, record, None);
                     logged = i + 1;
                 }
@@ -382,7 +373,7 @@ impl Actor {
             .pending
             .store(self.trigger.pending(), Ordering::Relaxed);
         // The rest (possibly none: an empty record still carries the answer).
-        let tail = durable.then(|| send_record(batch, &events[logged..], logged == 0));
+        let tail = durable.then(|| send_record(batch, logged..batch.len()));
         (outcome, tail)
     }
 
@@ -687,15 +678,16 @@ impl Actor {
     }
 }
 
-/// A SEND record of `events` (a run of the batch's events); `whole`: they are all of
-/// them, so the batch's bytes are copied as they are.
-fn send_record(batch: &SendBatch, events: &[&[u8]], whole: bool) -> Vec<u8> {
+/// A SEND record of the batch's events in `range`. The whole batch (the usual case) is
+/// copied as it is; only a batch split by a mid-batch flush is re-encoded.
+fn send_record(batch: &SendBatch, range: std::ops::Range<usize>) -> Vec<u8> {
     let mut out = Vec::new();
     out.push(SEND_TAG);
-    if whole {
+    if range == (0..batch.len()) {
         batch.write_record(&mut out);
     } else {
-        SendBatch::from_events(events).write_record(&mut out);
+        let events: Vec<&[u8]> = batch.iter().skip(range.start).take(range.len()).collect();
+        SendBatch::from_events(&events).write_record(&mut out);
     }
     out
 }

@@ -52,18 +52,7 @@ impl TestServer {
     /// A daemon with `config` (its directory is the caller's to keep).
     pub async fn start_with(config: Config) -> TestServer {
         let server = Server::bind(config.clone()).await.expect("daemon starts");
-        let addr = server.local_addr().expect("bound address");
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.run(async {
-            let _ = stopped.await;
-        }));
-        TestServer {
-            addr,
-            config,
-            stop: Some(stop),
-            task: Some(task),
-            _dir: None,
-        }
+        TestServer::serve(server, config)
     }
 
     /// A daemon with `config` on a store the caller opened (for example on a
@@ -72,6 +61,10 @@ impl TestServer {
         let server = Server::bind_with_store(config.clone(), store)
             .await
             .expect("daemon starts");
+        TestServer::serve(server, config)
+    }
+
+    fn serve(server: Server, config: Config) -> TestServer {
         let addr = server.local_addr().expect("bound address");
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run(async {
