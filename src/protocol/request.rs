@@ -366,6 +366,26 @@ impl SendBatch {
     }
 }
 
+/// Appends a SEND frame for `events` to `out` without building a [`SendBatch`]: the
+/// same bytes as [`Request::encode`] of `Command::Send`, for callers that generate
+/// events on the fly (the load generator).
+pub fn encode_send<'a>(
+    out: &mut BytesMut,
+    id: u32,
+    bucket: &str,
+    events: impl ExactSizeIterator<Item = &'a [u8]>,
+) {
+    write_frame(out, |b| {
+        b.put_u8(OP_SEND);
+        b.put_u32(id);
+        put_str16(b, bucket);
+        b.put_u32(events.len() as u32);
+        for e in events {
+            put_blob32(b, e);
+        }
+    });
+}
+
 /// A request that could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestError {
@@ -579,6 +599,23 @@ mod tests {
         req.encode(&mut out);
         let body = out.freeze().slice(4..);
         assert_eq!(Request::decode(body), Ok(req));
+    }
+
+    #[test]
+    fn encode_send_matches_request_encode() {
+        let events: [&[u8]; 3] = [b"a", b"", b"ccc"];
+        let mut expected = BytesMut::new();
+        Request {
+            id: 7,
+            command: Command::Send {
+                bucket: "b".into(),
+                batch: SendBatch::from_events(&events),
+            },
+        }
+        .encode(&mut expected);
+        let mut out = BytesMut::new();
+        encode_send(&mut out, 7, "b", events.into_iter());
+        assert_eq!(out, expected);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! [`bucketly::Client`]; results are one JSON value on stdout, errors one line on
 //! stderr with exit code 1.
 
+mod bench;
 mod handler_test;
 mod out;
 mod send;
@@ -129,6 +130,8 @@ enum Cmd {
     /// Manage users (admin; `passwd` for yourself too).
     #[command(subcommand)]
     User(UserCmd),
+    /// Load generator: SEND throughput and latency percentiles (see benches/README.md).
+    Bench(bench::BenchArgs),
 }
 
 /// Bucket options as flags (see PROTOCOL.md, CREATE options).
@@ -269,11 +272,21 @@ async fn run(args: Args) -> Result<(), String> {
         )?;
         let password = secret(args.password, &format!("password for {user}: "))?;
         client.login(&user, &password).await.map_err(text)?;
+        if let Cmd::Bench(bench_args) = args.command {
+            let target = bench::Target {
+                host: args.host,
+                port: args.port,
+                user,
+                password,
+            };
+            return bench::run(&client, target, bench_args).await;
+        }
     }
     let print = |v: serde_json::Value| print_json(&v);
     match args.command {
         Cmd::Whoami => print(client.whoami().await.map_err(text)?),
         Cmd::User(cmd) => user(&client, cmd).await?,
+        Cmd::Bench(_) => {}
         Cmd::Ping => {
             client.ping().await.map_err(text)?;
             print_line("PONG");

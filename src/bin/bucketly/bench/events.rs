@@ -1,0 +1,210 @@
+//! Generated events: a template with the value of a key index filled in.
+//!
+//! `{}` in the template is replaced by the index as 16 lowercase hex digits (so every
+//! index gives a distinct 16-byte value), `{n}` by the index in decimal. Indexes are
+//! uniform random over `0..keys`, or, with `sequential`, every connection takes its
+//! share of `0, 1, 2, …` in turn so that together they send each index once.
+
+use std::fmt::Write as _;
+
+/// One piece of a parsed template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Text(String),
+    Hex,
+    Decimal,
+}
+
+/// Parses a template; errors if it has no placeholder, since every event would be the
+/// same.
+pub fn parse_template(template: &str) -> Result<Vec<PartSpec>, String> {
+    let mut parts = Vec::new();
+    let mut rest = template;
+    let mut placeholders = 0;
+    while !rest.is_empty() {
+        let (cut, part, skip) = match (rest.find("{}"), rest.find("{n}")) {
+            (Some(h), Some(d)) if d < h => (d, Part::Decimal, 3),
+            (Some(h), _) => (h, Part::Hex, 2),
+            (None, Some(d)) => (d, Part::Decimal, 3),
+            (None, None) => (rest.len(), Part::Text(String::new()), 0),
+        };
+        if cut > 0 {
+            parts.push(PartSpec(Part::Text(rest[..cut].to_owned())));
+        }
+        if skip > 0 {
+            placeholders += 1;
+            parts.push(PartSpec(part));
+        }
+        rest = &rest[cut + skip..];
+    }
+    if placeholders == 0 {
+        return Err(format!(
+            "--event {template:?} has no placeholder: put {{}} (16 hex digits) or {{n}} (decimal) where the key goes"
+        ));
+    }
+    Ok(parts)
+}
+
+/// A parsed template piece (opaque outside this module).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartSpec(Part);
+
+/// Makes the events of one connection.
+pub struct EventGen {
+    parts: Vec<PartSpec>,
+    keys: u64,
+    /// Pad every event with `_` to at least this many bytes.
+    size: usize,
+    sequential: Option<(u64, u64)>,
+    rng: u64,
+    /// The current batch: all events back to back, and where each ends.
+    data: Vec<u8>,
+    ends: Vec<usize>,
+    text: String,
+}
+
+impl EventGen {
+    /// Events for connection `conn` of `conns`.
+    pub fn new(
+        parts: Vec<PartSpec>,
+        keys: u64,
+        size: usize,
+        sequential: bool,
+        conn: u64,
+        conns: u64,
+    ) -> EventGen {
+        EventGen {
+            parts,
+            keys: keys.max(1),
+            size,
+            sequential: sequential.then_some((conn, conns.max(1))),
+            // Any odd, connection-specific seed will do for xorshift.
+            rng: 0x9E37_79B9_7F4A_7C15 ^ (conn.wrapping_mul(0xA24B_AED4_963E_E407) | 1),
+            data: Vec::new(),
+            ends: Vec::new(),
+            text: String::new(),
+        }
+    }
+
+    fn next_index(&mut self) -> u64 {
+        match &mut self.sequential {
+            Some((next, step)) => {
+                let i = *next % self.keys;
+                *next += *step;
+                i
+            }
+            None => {
+                let mut x = self.rng;
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                self.rng = x;
+                x % self.keys
+            }
+        }
+    }
+
+    /// The next `n` events; valid until the next call.
+    pub fn next_batch(&mut self, n: usize) -> Batch<'_> {
+        self.data.clear();
+        self.ends.clear();
+        for _ in 0..n {
+            let i = self.next_index();
+            let start = self.data.len();
+            for PartSpec(part) in &self.parts {
+                self.text.clear();
+                let _ = match part {
+                    Part::Text(t) => self.text.write_str(t),
+                    Part::Hex => write!(self.text, "{i:016x}"),
+                    Part::Decimal => write!(self.text, "{i}"),
+                };
+                self.data.extend_from_slice(self.text.as_bytes());
+            }
+            while self.data.len() - start < self.size {
+                self.data.push(b'_');
+            }
+            self.ends.push(self.data.len());
+        }
+        Batch {
+            data: &self.data,
+            ends: &self.ends,
+        }
+    }
+}
+
+/// A batch of events in one buffer.
+pub struct Batch<'a> {
+    data: &'a [u8],
+    ends: &'a [usize],
+}
+
+impl<'a> Batch<'a> {
+    /// The events in order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = &'a [u8]> + '_ {
+        let data = self.data;
+        self.ends.iter().enumerate().map(move |(k, &end)| {
+            let start = if k == 0 { 0 } else { self.ends[k - 1] };
+            &data[start..end]
+        })
+    }
+}
+
+/// The template a handler's events take by default.
+pub fn default_template(handler: &str) -> &'static str {
+    match handler {
+        "unique" => "k {}",
+        "latest" => "{} v",
+        "stats" => "{n}",
+        _ => "{}",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn events(template: &str, keys: u64, size: usize, seq: bool, n: usize) -> Vec<String> {
+        let parts = parse_template(template).expect("template");
+        let mut g = EventGen::new(parts, keys, size, seq, 0, 1);
+        let batch = g.next_batch(n);
+        batch
+            .iter()
+            .map(|e| String::from_utf8_lossy(e).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn placeholders_are_filled_in() {
+        assert_eq!(
+            events("k {} #{n}", 10, 0, true, 2),
+            ["k 0000000000000000 #0", "k 0000000000000001 #1"]
+        );
+        assert_eq!(events("{}", 4, 20, true, 1), ["0000000000000000____"]);
+        assert!(parse_template("no placeholder").is_err());
+    }
+
+    #[test]
+    fn sequential_connections_share_the_key_space() {
+        let parts = parse_template("{n}").expect("template");
+        let mut seen = Vec::new();
+        for conn in 0..3 {
+            let mut g = EventGen::new(parts.clone(), 9, 0, true, conn, 3);
+            let batch = g.next_batch(3);
+            seen.extend(
+                batch
+                    .iter()
+                    .map(|e| String::from_utf8_lossy(e).into_owned()),
+            );
+        }
+        seen.sort_by_key(|s| s.parse::<u32>().unwrap_or(0));
+        let all: Vec<String> = (0..9).map(|i| i.to_string()).collect();
+        assert_eq!(seen, all);
+    }
+
+    #[test]
+    fn random_indexes_stay_in_range() {
+        for e in events("{n}", 7, 0, false, 1000) {
+            assert!(e.parse::<u64>().expect("number") < 7);
+        }
+    }
+}
