@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use parking_lot::RwLock;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::error::Error;
 use crate::protocol::{ErrorCode, Response, SendBatch, SendOutcome};
@@ -129,6 +129,68 @@ fn answer_after_commit(id: u32, reply: Reply, response: Response) -> Completion 
     })
 }
 
+/// The answers of a [`BucketMsg::SendMany`]: sent together once every answer is set
+/// and every record of the group has committed (or failed, which turns that frame's
+/// answer into the refusal).
+struct GroupReply(Arc<parking_lot::Mutex<GroupState>>);
+
+struct GroupState {
+    responses: Vec<Option<Response>>,
+    /// Commits still awaited, plus one while the actor is still applying the group.
+    outstanding: usize,
+    reply: Option<oneshot::Sender<Vec<Response>>>,
+}
+
+impl GroupState {
+    fn settle(&mut self) {
+        self.outstanding -= 1;
+        if self.outstanding == 0 {
+            if let Some(reply) = self.reply.take() {
+                let answers = std::mem::take(&mut self.responses);
+                let _ = reply.send(answers.into_iter().flatten().collect());
+            }
+        }
+    }
+}
+
+impl GroupReply {
+    fn new(n: usize, reply: oneshot::Sender<Vec<Response>>) -> GroupReply {
+        GroupReply(Arc::new(parking_lot::Mutex::new(GroupState {
+            responses: (0..n).map(|_| None).collect(),
+            outstanding: 1,
+            reply: Some(reply),
+        })))
+    }
+
+    /// Sets frame `index`'s answer, unless its commit already failed.
+    fn set(&self, index: usize, response: Response) {
+        let mut state = self.0.lock();
+        if let Some(slot @ None) = state.responses.get_mut(index) {
+            *slot = Some(response);
+        }
+    }
+
+    /// A completion for frame `index`'s record.
+    fn after_commit(&self, index: usize, id: u32) -> Completion {
+        self.0.lock().outstanding += 1;
+        let state = self.0.clone();
+        Box::new(move |outcome: Outcome<'_>| {
+            let mut state = state.lock();
+            if let Err(e) = outcome {
+                if let Some(slot) = state.responses.get_mut(index) {
+                    *slot = Some(not_written(id, e));
+                }
+            }
+            state.settle();
+        })
+    }
+
+    /// The actor is done with the group.
+    fn release(self) {
+        self.0.lock().settle();
+    }
+}
+
 impl Actor {
     pub fn new(init: ActorInit, env: &ActorEnv) -> Actor {
         let now = Instant::now();
@@ -220,25 +282,26 @@ impl Actor {
     /// Handles one mailbox message; false once the bucket is dropped.
     pub fn handle(&mut self, msg: BucketMsg, env: &ActorEnv) -> bool {
         let (reply, response) = match msg {
-            BucketMsg::Send { id, batch, reply } => {
-                self.shared.stats.sends.fetch_add(1, Ordering::Relaxed);
-                if let Some(why) = self.unavailable(env) {
-                    (reply, Response::error(id, ErrorCode::StorageError, &why))
-                } else {
-                    let (outcome, tail) = self.apply(&batch, 0, env);
-                    let response = Response::ok(id, outcome.encode());
-                    match tail {
-                        None => (reply, response),
-                        Some(record) => {
-                            self.append(
-                                env,
-                                record,
-                                Some(answer_after_commit(id, reply, response)),
-                            );
-                            return true;
-                        }
-                    }
+            BucketMsg::Send { id, batch, reply } => match self.send(id, &batch, env) {
+                (response, None) => (reply, response),
+                (response, Some(record)) => {
+                    let done = answer_after_commit(id, reply, response);
+                    self.append(env, record, Some(done));
+                    return true;
                 }
+            },
+            BucketMsg::SendMany { items, reply } => {
+                let group = GroupReply::new(items.len(), reply);
+                for (index, (id, batch)) in items.into_iter().enumerate() {
+                    let (response, record) = self.send(id, &batch, env);
+                    if let Some(record) = record {
+                        let done = group.after_commit(index, id);
+                        self.append(env, record, Some(done));
+                    }
+                    group.set(index, response);
+                }
+                group.release();
+                return true;
             }
             BucketMsg::Forwarded { batch, hops } => {
                 self.forwarded(&batch, hops, env);
@@ -298,6 +361,17 @@ impl Actor {
         // A closed receiver means the connection went away; nothing to do.
         let _ = reply.send(response);
         true
+    }
+
+    /// Applies one SEND frame: its answer, and for a durable bucket the record to log
+    /// before the answer may go out.
+    fn send(&mut self, id: u32, batch: &SendBatch, env: &ActorEnv) -> (Response, Option<Vec<u8>>) {
+        self.shared.stats.sends.fetch_add(1, Ordering::Relaxed);
+        if let Some(why) = self.unavailable(env) {
+            return (Response::error(id, ErrorCode::StorageError, &why), None);
+        }
+        let (outcome, tail) = self.apply(batch, 0, env);
+        (Response::ok(id, outcome.encode()), tail)
     }
 
     fn forwarded(&mut self, batch: &SendBatch, hops: u8, env: &ActorEnv) {

@@ -30,6 +30,14 @@ pub enum BucketMsg {
         /// Where the answer goes.
         reply: Reply,
     },
+    /// Consecutive SEND frames of one connection, read together: applied in order as
+    /// if they were separate `Send` messages, answered together (one answer each).
+    SendMany {
+        /// Request ids and events, in request order.
+        items: Vec<(u32, SendBatch)>,
+        /// Where the answers go, in the same order.
+        reply: oneshot::Sender<Vec<Response>>,
+    },
     /// Read the aggregate.
     View {
         /// Request id.

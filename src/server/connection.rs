@@ -29,12 +29,16 @@ use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
 use super::dispatch::{ConnState, Pending, Services};
 
+use crate::auth::Permission;
 use crate::auth::Session;
 use crate::config::{Config, HANDSHAKE_TIMEOUT_SECS};
+use crate::engine::BucketMsg;
 use crate::engine::{push_channel, Push, PushKind, PushStream, PUSH_QUEUE};
 use crate::protocol::frame::check_frame;
 use crate::protocol::handshake::{not_a_hello_message, FLAG_LOGIN_REQUIRED, MAX_HELLO_LEN};
-use crate::protocol::{ClientHello, ErrorCode, FrameError, Request, Response, ServerHello, Status};
+use crate::protocol::{
+    ClientHello, Command, ErrorCode, FrameError, Request, Response, SendBatch, ServerHello, Status,
+};
 
 /// Per-connection limits, copied from the config.
 #[derive(Debug, Clone, Copy)]
@@ -94,11 +98,39 @@ impl std::fmt::Display for CloseReason {
     }
 }
 
-/// A pending answer and the share of the in-flight byte budget its request holds.
+/// A pending answer and the in-flight budget its requests hold: their bytes and their
+/// number (a slot answers several consecutive SENDs read together).
 struct Slot {
     pending: Pending,
-    _budget: Option<OwnedSemaphorePermit>,
+    _budget: Option<Budget>,
 }
+
+/// The in-flight budget of one or more requests.
+struct Budget {
+    bytes: OwnedSemaphorePermit,
+    requests: OwnedSemaphorePermit,
+}
+
+impl Budget {
+    fn merge(&mut self, other: Budget) {
+        self.bytes.merge(other.bytes);
+        self.requests.merge(other.requests);
+    }
+}
+
+/// Consecutive SEND frames to one bucket found in one read buffer: posted to the bucket
+/// as one message and answered in one go, so a pipelining client costs one mailbox
+/// message and one wake-up per read rather than per frame.
+struct SendGroup {
+    bucket: String,
+    items: Vec<(u32, SendBatch)>,
+    bytes: usize,
+    budget: Option<Budget>,
+}
+
+/// Largest [`SendGroup`]: frames, and bytes of events.
+const GROUP_MAX_FRAMES: usize = 64;
+const GROUP_MAX_BYTES: usize = 1024 * 1024;
 
 /// A connection's byte stream: TCP, or TLS over TCP.
 pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
@@ -155,6 +187,8 @@ pub(crate) async fn serve<S: Stream>(
         limits,
         tx,
         budget: Arc::new(Semaphore::new(limits.max_in_flight_bytes)),
+        requests: Arc::new(Semaphore::new(limits.max_in_flight)),
+        group: None,
     };
     let reason = reader.run(&mut stop).await;
     if let CloseReason::Fatal(_) = reason {
@@ -263,6 +297,8 @@ struct Reader<S> {
     limits: Limits,
     tx: mpsc::Sender<Slot>,
     budget: Arc<Semaphore>,
+    requests: Arc<Semaphore>,
+    group: Option<SendGroup>,
 }
 
 impl<S: Stream> Reader<S> {
@@ -288,6 +324,10 @@ impl<S: Stream> Reader<S> {
                         return CloseReason::Fatal(code);
                     }
                 }
+            }
+            // Nothing more buffered: post what was gathered before waiting for input.
+            if !self.flush_group().await {
+                return CloseReason::PeerClosed;
             }
             // Grow towards the announced frame (validated above) no faster than bytes
             // arrive: at most doubling, so a bare header cannot make us reserve max_frame.
@@ -316,17 +356,122 @@ impl<S: Stream> Reader<S> {
     }
 
     /// The session's user was deleted: a FATAL answer, then the connection closes.
-    async fn user_deleted(&self) -> CloseReason {
+    async fn user_deleted(&mut self) -> CloseReason {
         let msg = "this connection's user was deleted";
         self.answer(Response::error(0, ErrorCode::UserDeleted, msg), None)
             .await;
         CloseReason::Fatal(ErrorCode::UserDeleted)
     }
 
-    /// Queues an answer; false if the writer is gone (the socket failed).
-    async fn answer(&self, response: Response, budget: Option<OwnedSemaphorePermit>) -> bool {
+    /// Queues an answer after the SENDs gathered before it; false if the writer is gone
+    /// (the socket failed).
+    async fn answer(&mut self, response: Response, budget: Option<Budget>) -> bool {
+        self.queue(Pending::Ready(response), budget).await
+    }
+
+    /// Queues a pending answer after the SENDs gathered before it.
+    async fn queue(&mut self, pending: Pending, budget: Option<Budget>) -> bool {
+        if !self.flush_group().await {
+            return false;
+        }
         let slot = Slot {
-            pending: Pending::Ready(response),
+            pending,
+            _budget: budget,
+        };
+        self.tx.send(slot).await.is_ok()
+    }
+
+    /// Takes the request's share of the in-flight budget, waiting while it is spent. The
+    /// gathered SENDs hold budget too, so they are posted before any wait (else they
+    /// would wait for themselves).
+    async fn acquire(&mut self, cost: u32) -> Option<Budget> {
+        if let (Ok(bytes), Ok(requests)) = (
+            self.budget.clone().try_acquire_many_owned(cost),
+            self.requests.clone().try_acquire_owned(),
+        ) {
+            return Some(Budget { bytes, requests });
+        }
+        if !self.flush_group().await {
+            return None;
+        }
+        let bytes = self.budget.clone().acquire_many_owned(cost).await.ok()?;
+        let requests = self.requests.clone().acquire_owned().await.ok()?;
+        Some(Budget { bytes, requests })
+    }
+
+    /// Adds a SEND to the group, posting the group first if it is for another bucket
+    /// and after if it is full.
+    async fn gather(
+        &mut self,
+        id: u32,
+        bucket: String,
+        batch: SendBatch,
+        budget: Option<Budget>,
+    ) -> bool {
+        if self.group.as_ref().is_some_and(|g| g.bucket != bucket) && !self.flush_group().await {
+            return false;
+        }
+        let group = self.group.get_or_insert_with(|| SendGroup {
+            bucket,
+            items: Vec::new(),
+            bytes: 0,
+            budget: None,
+        });
+        group.bytes += batch.wire_len();
+        group.items.push((id, batch));
+        match (&mut group.budget, budget) {
+            (Some(mine), Some(more)) => mine.merge(more),
+            (mine @ None, more) => *mine = more,
+            (Some(_), None) => {}
+        }
+        if group.items.len() >= GROUP_MAX_FRAMES || group.bytes >= GROUP_MAX_BYTES {
+            return self.flush_group().await;
+        }
+        true
+    }
+
+    /// Posts the gathered SENDs to their bucket; false if the writer is gone.
+    async fn flush_group(&mut self) -> bool {
+        let Some(group) = self.group.take() else {
+            return true;
+        };
+        let SendGroup {
+            bucket,
+            mut items,
+            budget,
+            ..
+        } = group;
+        let ids: Vec<u32> = items.iter().map(|(id, _)| *id).collect();
+        let posted = match self.services.engine.bucket(&bucket) {
+            Ok(handle) if items.len() == 1 => {
+                let (id, batch) = items.remove(0);
+                let (reply, rx) = oneshot::channel();
+                handle
+                    .post(BucketMsg::Send { id, batch, reply })
+                    .await
+                    .map(|()| Pending::Waiting { id, rx })
+            }
+            Ok(handle) => {
+                let (reply, rx) = oneshot::channel();
+                handle
+                    .post(BucketMsg::SendMany { items, reply })
+                    .await
+                    .map(|()| Pending::WaitingMany {
+                        ids: ids.clone(),
+                        rx,
+                    })
+            }
+            Err(e) => Err(e),
+        };
+        let pending = posted.unwrap_or_else(|e| {
+            let answers = ids
+                .iter()
+                .map(|&id| Response::error(id, e.code(), &e.to_string()))
+                .collect();
+            Pending::ReadyMany(answers)
+        });
+        let slot = Slot {
+            pending,
             _budget: budget,
         };
         self.tx.send(slot).await.is_ok()
@@ -340,7 +485,7 @@ impl<S: Stream> Reader<S> {
             .requests
             .fetch_add(1, Ordering::Relaxed);
         let cost = body.len().clamp(1, self.limits.max_in_flight_bytes) as u32;
-        let budget = self.budget.clone().acquire_many_owned(cost).await.ok();
+        let budget = self.acquire(cost).await;
         let request = match Request::decode(body) {
             Ok(request) => request,
             Err(e) => {
@@ -362,6 +507,23 @@ impl<S: Stream> Reader<S> {
             return Some(self.user_deleted().await);
         }
         let id = request.id;
+        // A permitted SEND joins the group; the bucket is looked up when it is posted.
+        let request = match (request.command, self.conn.session.as_ref()) {
+            (Command::Send { bucket, batch }, Some(s)) => {
+                let sent = match s.check(Permission::Send, Some(&bucket)) {
+                    Ok(()) => self.gather(id, bucket, batch, budget).await,
+                    Err(e) => {
+                        self.answer(Response::error(id, e.code(), &e.to_string()), budget)
+                            .await
+                    }
+                };
+                return (!sent).then_some(CloseReason::PeerClosed);
+            }
+            (command, _) => Request { id, command },
+        };
+        if !self.flush_group().await {
+            return Some(CloseReason::PeerClosed);
+        }
         let pending = match self
             .services
             .dispatch(&mut self.conn, self.peer, request)
@@ -370,13 +532,9 @@ impl<S: Stream> Reader<S> {
             Ok(pending) => pending,
             Err(e) => Pending::Ready(Response::error(id, e.code(), &e.to_string())),
         };
-        let slot = Slot {
-            pending,
-            _budget: budget,
-        };
-        match self.tx.send(slot).await {
-            Ok(()) => None,
-            Err(_) => Some(CloseReason::PeerClosed),
+        match self.queue(pending, budget).await {
+            true => None,
+            false => Some(CloseReason::PeerClosed),
         }
     }
 }
@@ -408,17 +566,47 @@ async fn flush<W: AsyncWrite + Unpin>(wr: &mut W, out: &mut BytesMut) -> bool {
 /// What the writer waits for next.
 enum Wake {
     Slot(Option<Slot>),
-    Answer(Option<Response>),
+    /// The awaited answers (none if their sender was dropped).
+    Answer(Option<Vec<Response>>),
     Push(Option<Push>),
     Lagged,
 }
 
+/// Where the awaited answers come from: one request, or a group of SENDs.
+enum AwaitRx {
+    One(oneshot::Receiver<Response>),
+    Many(oneshot::Receiver<Vec<Response>>),
+}
+
 /// A slot whose answer is not ready yet.
 struct Awaited {
-    id: u32,
-    rx: oneshot::Receiver<Response>,
+    /// The requests answered, for the error if the answer never comes.
+    ids: Vec<u32>,
+    rx: AwaitRx,
     subscribe: bool,
-    _budget: Option<OwnedSemaphorePermit>,
+    _budget: Option<Budget>,
+}
+
+impl Awaited {
+    fn try_take(&mut self) -> Option<Wake> {
+        use oneshot::error::TryRecvError;
+        let got = match &mut self.rx {
+            AwaitRx::One(rx) => rx.try_recv().map(|r| vec![r]),
+            AwaitRx::Many(rx) => rx.try_recv(),
+        };
+        match got {
+            Ok(r) => Some(Wake::Answer(Some(r))),
+            Err(TryRecvError::Closed) => Some(Wake::Answer(None)),
+            Err(TryRecvError::Empty) => None,
+        }
+    }
+
+    async fn wait(&mut self) -> Wake {
+        Wake::Answer(match &mut self.rx {
+            AwaitRx::One(rx) => rx.await.ok().map(|r| vec![r]),
+            AwaitRx::Many(rx) => rx.await.ok(),
+        })
+    }
 }
 
 /// The writer's view of the subscriptions: pushes of `acked` ones are written, pushes of
@@ -514,13 +702,8 @@ async fn write_loop<S: Stream>(
         let ready = if pushes.is_lagged() {
             Some(Wake::Lagged)
         } else if let Some(a) = &mut awaited {
-            match a.rx.try_recv() {
-                Ok(r) => Some(Wake::Answer(Some(r))),
-                Err(oneshot::error::TryRecvError::Closed) => Some(Wake::Answer(None)),
-                Err(oneshot::error::TryRecvError::Empty) => {
-                    pushes.try_recv().map(|p| Wake::Push(Some(p)))
-                }
-            }
+            a.try_take()
+                .or_else(|| pushes.try_recv().map(|p| Wake::Push(Some(p))))
         } else {
             match rx.try_recv() {
                 Ok(slot) => Some(Wake::Slot(Some(slot))),
@@ -540,7 +723,7 @@ async fn write_loop<S: Stream>(
                     Some(a) => tokio::select! {
                         biased;
                         _ = lag.wait() => Wake::Lagged,
-                        r = &mut a.rx => Wake::Answer(r.ok()),
+                        w = a.wait() => w,
                         p = pushes.recv(), if pushes_open => Wake::Push(p),
                     },
                     None => tokio::select! {
@@ -582,18 +765,32 @@ async fn write_loop<S: Stream>(
                     w.unsubscribed(sub);
                     w.answer(&Response::empty(id));
                 }
+                Pending::ReadyMany(answers) => {
+                    drop(slot._budget);
+                    if !answers.iter().all(|r| w.answer(r)) {
+                        break;
+                    }
+                }
                 Pending::Waiting { id, rx } => {
                     awaited = Some(Awaited {
-                        id,
-                        rx,
+                        ids: vec![id],
+                        rx: AwaitRx::One(rx),
+                        subscribe: false,
+                        _budget: slot._budget,
+                    });
+                }
+                Pending::WaitingMany { ids, rx } => {
+                    awaited = Some(Awaited {
+                        ids,
+                        rx: AwaitRx::Many(rx),
                         subscribe: false,
                         _budget: slot._budget,
                     });
                 }
                 Pending::Subscribed { id, rx } => {
                     awaited = Some(Awaited {
-                        id,
-                        rx,
+                        ids: vec![id],
+                        rx: AwaitRx::One(rx),
                         subscribe: true,
                         _budget: slot._budget,
                     });
@@ -601,11 +798,17 @@ async fn write_loop<S: Stream>(
             },
             Wake::Answer(r) => {
                 let Some(a) = awaited.take() else { continue };
-                let response = r.unwrap_or_else(|| dropped(a.id));
+                let answers = match r {
+                    Some(answers) if answers.len() == a.ids.len() => answers,
+                    _ => a.ids.iter().map(|&id| dropped(id)).collect(),
+                };
                 drop(a._budget);
-                let more = w.answer(&response);
+                let more = answers.iter().all(|r| w.answer(r));
                 if a.subscribe {
-                    w.subscribed(a.id, response.status == Status::Ok);
+                    let ok = answers.first().is_some_and(|r| r.status == Status::Ok);
+                    if let Some(&id) = a.ids.first() {
+                        w.subscribed(id, ok);
+                    }
                 }
                 if !more {
                     break;

@@ -46,6 +46,13 @@ pub(crate) enum Pending {
         id: u32,
         rx: oneshot::Receiver<Response>,
     },
+    /// The answers to consecutive SEND frames posted as one message, in order.
+    WaitingMany {
+        ids: Vec<u32>,
+        rx: oneshot::Receiver<Vec<Response>>,
+    },
+    /// Several answers known at once, in order.
+    ReadyMany(Vec<Response>),
     /// The answer to UNSUBSCRIBE: from it on, no push of `sub` is written.
     Unsubscribed {
         id: u32,

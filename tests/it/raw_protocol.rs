@@ -1398,6 +1398,96 @@ async fn pipelined_create_and_drop_take_effect_in_request_order() {
     assert_eq!(parse_json(&r[2].payload), json!({"new": 1}));
 }
 
+// Consecutive SENDs read together are applied and answered as a group (the server posts
+// them to the bucket as one message): runs longer than a group (64 frames), events the
+// handler rejects, a SEND the user may not make, one to a bucket that does not exist and
+// a PING inside the runs are each answered in exactly request order with their own
+// outcome, and the bucket counts exactly the accepted events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grouped_sends_keep_per_frame_answers_and_order() {
+    let server = TestServer::start().await;
+    let admin = server.client().await;
+    admin.create("g", "counter", None).await.expect("create g");
+    admin
+        .create("other", "counter", None)
+        .await
+        .expect("create other");
+    admin.user_add("sender", "pw").await.expect("user");
+    admin
+        .user_grant("sender", "send", "g")
+        .await
+        .expect("grant send");
+    admin
+        .user_grant("sender", "view", "g")
+        .await
+        .expect("grant view");
+    let mut conn = RawConn::connect(server.addr).await;
+    conn.handshake().await;
+    conn.login("sender", "pw").await;
+
+    // What each answer must be: OK with (accepted, rejected), or an error code.
+    type Outcome = Result<(u32, u32), u16>;
+    let mut want: Vec<(u32, Outcome)> = Vec::new();
+    let mut bytes = Vec::new();
+    let mut accepted = 0u64;
+    for i in 0..300u32 {
+        let id = 10_000 + i;
+        match i {
+            70 => {
+                bytes.extend(framed(&send(id, "other", &[b"x"])));
+                want.push((id, Err(PERMISSION_DENIED)));
+            }
+            140 => {
+                bytes.extend(framed(&send(id, "nope", &[b"x"])));
+                // Permission is checked first: "sender" may not send to "nope" either.
+                want.push((id, Err(PERMISSION_DENIED)));
+            }
+            200 => {
+                bytes.extend(framed(&ping(id, b"mid")));
+                want.push((id, Ok((0, 0))));
+            }
+            _ => {
+                // Every 7th frame carries an empty event, which `counter` rejects.
+                let events: Vec<&[u8]> = if i % 7 == 0 {
+                    vec![b"k", b"  ", b"k"]
+                } else {
+                    vec![b"k"]
+                };
+                let rejected = u32::from(i % 7 == 0);
+                let ok = events.len() as u32 - rejected;
+                accepted += u64::from(ok);
+                bytes.extend(framed(&send(id, "g", &events)));
+                want.push((id, Ok((ok, rejected))));
+            }
+        }
+    }
+    bytes.extend(framed(&view(99, "g", Some(b"k"))));
+    let responses = pipeline(&mut conn, &bytes, want.len() + 1).await;
+    for (k, ((id, expect), r)) in want.iter().zip(&responses).enumerate() {
+        assert_eq!(r.id, *id, "answer #{k} out of order");
+        match expect {
+            Ok(counts) => {
+                assert_eq!(r.status, Status::Ok, "answer #{k}: {:?}", r.failure());
+                if *id != 10_200 {
+                    assert_eq!(send_counts(&r.payload), *counts, "answer #{k}");
+                }
+            }
+            Err(code) => {
+                let (got, msg) = r.failure().expect("decodes").expect("an error");
+                assert_eq!(
+                    (r.status, got),
+                    (Status::Error, *code),
+                    "answer #{k}: {msg}"
+                );
+            }
+        }
+    }
+    let last = responses.last().expect("view answer");
+    assert_eq!((last.status, last.id), (Status::Ok, 99));
+    assert_eq!(parse_json(&last.payload), json!(accepted));
+    assert_usable(&mut conn, 1).await;
+}
+
 // Requests spread over several buckets (which run on different handler threads and finish
 // in any order) are still answered in exactly request order, with the right counts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
