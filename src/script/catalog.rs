@@ -45,6 +45,11 @@ pub struct HandlerCatalog {
     handlers: BTreeMap<String, Arc<HandlerSource>>,
 }
 
+/// The embedded source of stock handler `name`.
+pub(crate) fn stock_source(name: &str) -> Option<&'static str> {
+    STOCK.iter().find(|(n, _)| *n == name).map(|(_, s)| *s)
+}
+
 /// Whether `name` may name a handler: 1 to 64 of `A-Z a-z 0-9 _ -`.
 pub fn valid_handler_name(name: &str) -> bool {
     (1..=64).contains(&name.len())

@@ -13,7 +13,7 @@ use super::{lua_error_message, HandlerSource, ScriptError, ScriptLimits};
 /// Every call into Lua runs under the time budget. A call stopped by it leaves the state
 /// half-updated, so the instance is then *failed*: every later call answers with the
 /// failure, and the bucket must be dropped and created again.
-pub struct HandlerInstance {
+pub(crate) struct LuaInstance {
     lua: Lua,
     main: *mut mlua::ffi::lua_State,
     budget: std::time::Duration,
@@ -94,7 +94,7 @@ fn runtime(what: &str, e: &mlua::Error) -> ScriptError {
     ScriptError::Runtime(format!("{what}: {}", lua_error_message(e)))
 }
 
-impl HandlerInstance {
+impl LuaInstance {
     /// Loads `handler` and calls its `init(config)`; the state is what `init` returns,
     /// or an empty table when there is no `init` or it returns nil.
     ///
@@ -125,7 +125,7 @@ impl HandlerInstance {
             Value::Nil => Value::Table(lua.create_table().map_err(|e| runtime("init", &e))?),
             other => other,
         };
-        Ok(HandlerInstance {
+        Ok(LuaInstance {
             lua,
             main,
             budget: limits.time,
@@ -271,7 +271,7 @@ impl HandlerInstance {
         Ok(out)
     }
 
-    /// Replaces the state with one made by [`HandlerInstance::snapshot`].
+    /// Replaces the state with one made by [`LuaInstance::snapshot`].
     ///
     /// # Errors
     /// [`ScriptError::Runtime`] if the bytes are not a snapshot or do not fit in memory.
@@ -300,6 +300,7 @@ fn to_json(what: &str, v: &Value) -> Result<Vec<u8>, ScriptError> {
 
 #[cfg(test)]
 mod tests {
+    use super::LuaInstance as HandlerInstance;
     use super::*;
     use crate::script::Origin;
 

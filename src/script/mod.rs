@@ -6,15 +6,18 @@
 
 mod catalog;
 mod context;
+mod handler;
 mod instance;
 mod json;
+mod native;
 mod sandbox;
 mod snapshot;
 mod watchdog;
 
 pub use catalog::{HandlerCatalog, HandlerSource, Origin, MAX_HANDLER_FILE};
 pub use context::{Emit, FlushInfo, MAX_EMITS, MAX_EMIT_BYTES};
-pub use instance::{Flushed, HandlerInstance};
+pub use handler::HandlerInstance;
+pub use instance::Flushed;
 pub use json::MAX_DEPTH;
 pub use snapshot::MAX_SNAPSHOT_DEPTH;
 
