@@ -59,7 +59,22 @@ struct Args {
     tls_key: Option<PathBuf>,
 }
 
+/// glibc's allocator, tuned for a long-running server: at most 2 arenas (a thread
+/// arena per core keeps memory that other threads freed), and every allocation of
+/// 1 MiB or more served by mmap, so that it returns to the system when freed (each
+/// password check allocates argon2's 19 MiB; large states grow and are dropped). Without
+/// the fixed threshold glibc raises it after the first such free and keeps them.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; called before any other thread.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
 fn main() -> ExitCode {
+    tune_allocator();
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

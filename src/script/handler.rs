@@ -1,7 +1,7 @@
 //! [`HandlerInstance`]: one running handler for one bucket. It is a Lua state running
-//! the handler's module, or, for the stock `counter` and `unique` handlers as embedded
-//! in the binary, a native Rust implementation with the same semantics ([`super::native`]).
-//! A handler file that overrides a stock name always runs in Lua.
+//! the handler's module, or, for the stock `counter` and `unique` handlers, a native Rust
+//! implementation with the same semantics ([`super::native`]). A handler file that
+//! overrides a stock name with different text runs in Lua.
 
 use super::context::FlushInfo;
 use super::instance::{Flushed, LuaInstance};

@@ -20,7 +20,7 @@ mod unique;
 use std::io::Write as _;
 
 use super::catalog::stock_source;
-use super::{HandlerSource, Origin, ScriptError, ScriptLimits};
+use super::{HandlerSource, ScriptError, ScriptLimits};
 
 pub(crate) use counter::Counter;
 pub(crate) use unique::Unique;
@@ -35,14 +35,16 @@ pub(crate) enum Native {
 const OUT_OF_MEMORY: &str = "handler error: memory limit exceeded: not enough memory";
 
 impl Native {
-    /// The native implementation of `handler`, if it is an embedded stock handler that
-    /// has one; `Some(Err)` for a config the handler refuses.
+    /// The native implementation of `handler`, if its source is exactly that of a stock
+    /// handler that has one (embedded, or a file with the same text, as the checkout's
+    /// `handlers/` directory holds); `Some(Err)` for a config the handler refuses. A
+    /// file that differs in any byte runs in Lua.
     pub fn for_handler(
         handler: &HandlerSource,
         config: &serde_json::Value,
         limits: &ScriptLimits,
     ) -> Option<Result<Native, ScriptError>> {
-        if handler.origin != Origin::Stock || stock_source(&handler.name) != Some(&handler.source) {
+        if stock_source(&handler.name) != Some(&handler.source) {
             return None;
         }
         let make: fn(usize) -> Native = match handler.name.as_str() {
