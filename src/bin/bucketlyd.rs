@@ -62,14 +62,18 @@ struct Args {
 /// glibc's allocator, tuned for a long-running server: at most 2 arenas (a thread
 /// arena per core keeps memory that other threads freed), and every allocation of
 /// 1 MiB or more served by mmap, so that it returns to the system when freed (each
-/// password check allocates argon2's 19 MiB; large states grow and are dropped). Without
-/// the fixed threshold glibc raises it after the first such free and keeps them.
+/// password check allocates argon2's 19 MiB; large states grow and are dropped), while
+/// up to 16 MiB free at the top of a heap is kept for reuse. Without the fixed
+/// threshold glibc raises it after the first such free and keeps those blocks.
 fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters; called before any other thread.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        // Fixing the mmap threshold also fixes the trim threshold at 128 KiB, which
+        // hands the top of the heap back and faults it in again on every burst.
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 16 << 20);
     }
 }
 

@@ -237,3 +237,70 @@ async fn legacy_flags_and_handler_directory() {
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot read handlers directory"));
 }
+
+// `bucketly bench` sends exactly what it reports: with --keep, the bucket it created
+// holds every event (each key index once per pass with --sequential), the JSON report
+// counts the same, and its latency percentiles are in order. Without --keep the bucket
+// is gone afterwards; a name in use is refused unless --reuse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_sends_exactly_what_it_reports() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let daemon = Daemon::start(dir.path(), &[]).await;
+    let report = ok_json(
+        &daemon,
+        &[
+            "bench",
+            "--json",
+            "-q",
+            "-c",
+            "3",
+            "-P",
+            "4",
+            "-e",
+            "5",
+            "-n",
+            "60",
+            "--handler",
+            "unique",
+            "--keys",
+            "300",
+            "--sequential",
+            "--bucket",
+            "b",
+            "--keep",
+        ],
+    )
+    .await;
+    assert_eq!(report["frames"], 60, "{report}");
+    assert_eq!(report["events"], 300);
+    assert_eq!(report["accepted"], 300);
+    assert_eq!(
+        (report["rejected"].clone(), report["errors"].clone()),
+        (json!(0), json!(0))
+    );
+    let l = &report["latency_ms"];
+    let at = |k: &str| l[k].as_f64().expect("a number");
+    assert!(
+        at("p50") <= at("p90") && at("p90") <= at("p99") && at("p99") <= at("max"),
+        "{l}"
+    );
+    // 300 events over 300 sequential indexes: every member once.
+    assert_eq!(ok_json(&daemon, &["view", "b", "k"]).await, json!(300));
+
+    let out = run(&daemon, &["bench", "-q", "-n", "1", "--bucket", "b"], b"").await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--reuse"));
+
+    ok(
+        &daemon,
+        &["bench", "-q", "-c", "1", "-n", "10", "--bucket", "t"],
+        b"",
+    )
+    .await;
+    let list = ok_json(&daemon, &["list"]).await;
+    assert_eq!(
+        list,
+        json!([{"name": "b", "handler": "unique"}]),
+        "the bench dropped t"
+    );
+}

@@ -2,10 +2,13 @@
 //!
 //! `{}` in the template is replaced by the index as 16 lowercase hex digits (so every
 //! index gives a distinct 16-byte value), `{n}` by the index in decimal. Indexes are
-//! uniform random over `0..keys`, or, with `sequential`, every connection takes its
-//! share of `0, 1, 2, …` in turn so that together they send each index once.
+//! uniform random over `0..keys`, or, with `sequential`, taken in order from a counter
+//! all connections share, so that together they send `0, 1, 2, …` each once per pass
+//! however the frames fall among them.
 
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// One piece of a parsed template.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,7 +58,8 @@ pub struct EventGen {
     keys: u64,
     /// Pad every event with `_` to at least this many bytes.
     size: usize,
-    sequential: Option<(u64, u64)>,
+    /// The next index, shared by every connection, in sequential mode.
+    sequential: Option<Arc<AtomicU64>>,
     rng: u64,
     /// The current batch: all events back to back, and where each ends.
     data: Vec<u8>,
@@ -64,20 +68,19 @@ pub struct EventGen {
 }
 
 impl EventGen {
-    /// Events for connection `conn` of `conns`.
+    /// Events for connection `conn`; `sequential` is the shared next index, if any.
     pub fn new(
         parts: Vec<PartSpec>,
         keys: u64,
         size: usize,
-        sequential: bool,
+        sequential: Option<Arc<AtomicU64>>,
         conn: u64,
-        conns: u64,
     ) -> EventGen {
         EventGen {
             parts,
             keys: keys.max(1),
             size,
-            sequential: sequential.then_some((conn, conns.max(1))),
+            sequential,
             // Any odd, connection-specific seed will do for xorshift.
             rng: 0x9E37_79B9_7F4A_7C15 ^ (conn.wrapping_mul(0xA24B_AED4_963E_E407) | 1),
             data: Vec::new(),
@@ -87,12 +90,8 @@ impl EventGen {
     }
 
     fn next_index(&mut self) -> u64 {
-        match &mut self.sequential {
-            Some((next, step)) => {
-                let i = *next % self.keys;
-                *next += *step;
-                i
-            }
+        match &self.sequential {
+            Some(next) => next.fetch_add(1, Ordering::Relaxed) % self.keys,
             None => {
                 let mut x = self.rng;
                 x ^= x << 13;
@@ -165,7 +164,8 @@ mod tests {
 
     fn events(template: &str, keys: u64, size: usize, seq: bool, n: usize) -> Vec<String> {
         let parts = parse_template(template).expect("template");
-        let mut g = EventGen::new(parts, keys, size, seq, 0, 1);
+        let next = seq.then(|| Arc::new(AtomicU64::new(0)));
+        let mut g = EventGen::new(parts, keys, size, next, 0);
         let batch = g.next_batch(n);
         batch
             .iter()
@@ -186,10 +186,14 @@ mod tests {
     #[test]
     fn sequential_connections_share_the_key_space() {
         let parts = parse_template("{n}").expect("template");
+        let next = Arc::new(AtomicU64::new(0));
+        let mut gens: Vec<EventGen> = (0..3)
+            .map(|c| EventGen::new(parts.clone(), 9, 0, Some(next.clone()), c))
+            .collect();
+        // Uneven shares, as the shared frame budget gives them: still each index once.
         let mut seen = Vec::new();
-        for conn in 0..3 {
-            let mut g = EventGen::new(parts.clone(), 9, 0, true, conn, 3);
-            let batch = g.next_batch(3);
+        for (g, n) in gens.iter_mut().zip([5, 1, 3]) {
+            let batch = g.next_batch(n);
             seen.extend(
                 batch
                     .iter()

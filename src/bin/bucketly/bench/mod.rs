@@ -111,6 +111,7 @@ pub async fn run(client: &Client, target: Target, args: BenchArgs) -> Result<(),
         stop: AtomicBool::new(false),
         frames_done: AtomicU64::new(0),
     });
+    let next_index = args.sequential.then(|| Arc::new(AtomicU64::new(0)));
     let loads: Vec<Load> = (0..args.connections)
         .map(|i| Load {
             addr,
@@ -123,9 +124,8 @@ pub async fn run(client: &Client, target: Target, args: BenchArgs) -> Result<(),
                 parts.clone(),
                 args.keys,
                 args.event_size,
-                args.sequential,
+                next_index.clone(),
                 i as u64,
-                args.connections as u64,
             ),
         })
         .collect();
