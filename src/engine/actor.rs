@@ -111,6 +111,8 @@ pub(crate) struct Actor {
     durable: Option<Durable>,
     /// Flush outputs of a durable bucket waiting for their records to commit.
     awaiting: VecDeque<(u64, Delivery)>,
+    /// The records of the SEND group being applied, gathered into one.
+    group_record: Option<GroupRecord>,
 }
 
 /// The answer to a durable request whose record did not commit.
@@ -132,7 +134,20 @@ fn answer_after_commit(id: u32, reply: Reply, response: Response) -> Completion 
 /// The answers of a [`BucketMsg::SendMany`]: sent together once every answer is set
 /// and every record of the group has committed (or failed, which turns that frame's
 /// answer into the refusal).
+#[derive(Clone)]
 struct GroupReply(Arc<parking_lot::Mutex<GroupState>>);
+
+/// The tails of a durable group's frames, gathered into one log record (one op and one
+/// commit entry for the group instead of one per frame). Logged before any other record
+/// of the bucket, so replay sees the events in the order they were applied.
+struct GroupRecord {
+    group: GroupReply,
+    /// `SEND_TAG`, then the count (patched when logged), then the events.
+    record: Vec<u8>,
+    count: u32,
+    /// The frames it answers: (index in the group, request id).
+    frames: Vec<(usize, u32)>,
+}
 
 struct GroupState {
     responses: Vec<Option<Response>>,
@@ -170,15 +185,17 @@ impl GroupReply {
         }
     }
 
-    /// A completion for frame `index`'s record.
-    fn after_commit(&self, index: usize, id: u32) -> Completion {
+    /// A completion for the record holding `frames` (index in the group, request id).
+    fn after_commit(&self, frames: Vec<(usize, u32)>) -> Completion {
         self.0.lock().outstanding += 1;
         let state = self.0.clone();
         Box::new(move |outcome: Outcome<'_>| {
             let mut state = state.lock();
             if let Err(e) = outcome {
-                if let Some(slot) = state.responses.get_mut(index) {
-                    *slot = Some(not_written(id, e));
+                for (index, id) in frames {
+                    if let Some(slot) = state.responses.get_mut(index) {
+                        *slot = Some(not_written(id, e));
+                    }
                 }
             }
             state.settle();
@@ -218,6 +235,7 @@ impl Actor {
             flush_failures: 0,
             durable: (init.uid != 0).then(|| Durable::new(init.uid)),
             awaiting: VecDeque::new(),
+            group_record: None,
         };
         actor.configure(init.options, env, now);
         actor
@@ -295,11 +313,11 @@ impl Actor {
                 for (index, (id, batch)) in items.into_iter().enumerate() {
                     let (response, record) = self.send(id, &batch, env);
                     if let Some(record) = record {
-                        let done = group.after_commit(index, id);
-                        self.append(env, record, Some(done));
+                        self.gather_record(&group, index, id, &record);
                     }
                     group.set(index, response);
                 }
+                self.log_group_record(env);
                 group.release();
                 return true;
             }
@@ -451,8 +469,39 @@ impl Actor {
         (outcome, tail)
     }
 
-    /// Queues a record of this durable bucket, then snapshots if one is due.
+    /// Adds one frame's SEND record (`SEND_TAG count events`) to the group's record.
+    fn gather_record(&mut self, group: &GroupReply, index: usize, id: u32, record: &[u8]) {
+        let (Some(&tag), Some(count), Some(events)) =
+            (record.first(), record.get(1..5), record.get(5..))
+        else {
+            return;
+        };
+        let count = u32::from_be_bytes([count[0], count[1], count[2], count[3]]);
+        let g = self.group_record.get_or_insert_with(|| GroupRecord {
+            group: group.clone(),
+            record: vec![tag, 0, 0, 0, 0],
+            count: 0,
+            frames: Vec::new(),
+        });
+        g.record.extend_from_slice(events);
+        g.count += count;
+        g.frames.push((index, id));
+    }
+
+    /// Logs the gathered group record, if any.
+    fn log_group_record(&mut self, env: &ActorEnv) {
+        let Some(mut g) = self.group_record.take() else {
+            return;
+        };
+        g.record[1..5].copy_from_slice(&g.count.to_be_bytes());
+        let done = g.group.after_commit(g.frames);
+        self.append(env, g.record, Some(done));
+    }
+
+    /// Queues a record of this durable bucket (after the gathered group record, which
+    /// holds earlier events), then snapshots if one is due.
     fn append(&mut self, env: &ActorEnv, record: Vec<u8>, done: Option<Completion>) {
+        self.log_group_record(env);
         if let Some(d) = &mut self.durable {
             d.append(env, record, done);
             d.maybe_snapshot(env, &self.instance, self.seq, &self.name);

@@ -348,6 +348,47 @@ async fn an_answered_dump_does_not_come_back() {
     daemon.terminate().await;
 }
 
+// Pipelined SENDs to a durable bucket are logged a group at a time, and a threshold
+// flush inside a group splits it: replay after a SIGKILL must see the events before the
+// flush, the flush, then the rest, in that order. With a threshold of 10, 95 one-event
+// frames make 9 flushes and leave exactly the last 5 events pending; a record logged
+// out of order would leave a different count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn threshold_flushes_inside_pipelined_groups_replay_in_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let daemon = Daemon::start(dir.path(), &[]).await;
+    let client = daemon.client().await;
+    let options = json!({"durable": true, "threshold": 10, "timeout": 600});
+    client
+        .create_with("t", "counter", None, &options)
+        .await
+        .expect("create");
+    let mut pending = Vec::new();
+    for i in 0..95u32 {
+        // The key says which ten the event belongs to: the last five are "k9".
+        let key = format!("k{}", i / 10);
+        pending.push(client.start_send("t", &[key]).await.expect("start SEND"));
+    }
+    for reply in pending {
+        Client::finish_send(reply).await.expect("SEND acknowledged");
+    }
+    let want = BTreeMap::from([("k9".to_owned(), 5u64)]);
+    assert_eq!(counts(&client.view("t", None).await.expect("VIEW")), want);
+    drop(client);
+    daemon.kill().await;
+
+    let daemon = Daemon::start(dir.path(), &[]).await;
+    let client = daemon.client().await;
+    assert_eq!(
+        counts(&client.view("t", None).await.expect("VIEW after restart")),
+        want,
+        "the events pending since the last flush, exactly"
+    );
+    let info = client.info(Some("t")).await.expect("INFO");
+    assert_eq!(info["pending"], 5, "{info}");
+    daemon.terminate().await;
+}
+
 // A durable `unique` bucket shows the same view after a SIGKILL and restart, and again
 // after a graceful restart, which replays no record (its shutdown snapshot covers all).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -439,10 +480,22 @@ async fn snapshots_bound_the_log() {
         .create_with("s", "counter", None, &json!({"durable": true}))
         .await
         .expect("create");
+    // Consecutive SENDs to one bucket share a log record; a SEND to another bucket in
+    // between keeps every frame to "s" a record of its own.
+    client
+        .create("other", "counter", None)
+        .await
+        .expect("create other");
     let mut pending = VecDeque::new();
     for i in 0..FRAMES {
         let key = format!("k{}", i % KEYS);
         pending.push_back(client.start_send("s", &[key]).await.expect("start SEND"));
+        pending.push_back(
+            client
+                .start_send("other", &["x"])
+                .await
+                .expect("start SEND"),
+        );
         if pending.len() >= 512 {
             let reply = pending.pop_front().expect("pending");
             Client::finish_send(reply).await.expect("SEND acknowledged");
