@@ -441,35 +441,37 @@ impl<S: Stream> Reader<S> {
             budget,
             ..
         } = group;
-        let ids: Vec<u32> = items.iter().map(|(id, _)| *id).collect();
-        let posted = match self.services.engine.bucket(&bucket) {
-            Ok(handle) if items.len() == 1 => {
-                let (id, batch) = items.remove(0);
-                let (reply, rx) = oneshot::channel();
-                handle
-                    .post(BucketMsg::Send { id, batch, reply })
-                    .await
-                    .map(|()| Pending::Waiting { id, rx })
-            }
-            Ok(handle) => {
-                let (reply, rx) = oneshot::channel();
-                handle
-                    .post(BucketMsg::SendMany { items, reply })
-                    .await
-                    .map(|()| Pending::WaitingMany {
-                        ids: ids.clone(),
-                        rx,
-                    })
-            }
-            Err(e) => Err(e),
-        };
-        let pending = posted.unwrap_or_else(|e| {
+        let refused = |ids: &[u32], e: crate::error::Error| {
             let answers = ids
                 .iter()
                 .map(|&id| Response::error(id, e.code(), &e.to_string()))
                 .collect();
             Pending::ReadyMany(answers)
-        });
+        };
+        let handle = self.services.engine.bucket(&bucket);
+        let pending = match handle {
+            // One frame (the unpipelined case): a plain SEND, nothing to gather.
+            Ok(handle) if items.len() == 1 => {
+                let (id, batch) = items.remove(0);
+                let (reply, rx) = oneshot::channel();
+                match handle.post(BucketMsg::Send { id, batch, reply }).await {
+                    Ok(()) => Pending::Waiting { id, rx },
+                    Err(e) => refused(&[id], e),
+                }
+            }
+            Ok(handle) => {
+                let ids: Vec<u32> = items.iter().map(|(id, _)| *id).collect();
+                let (reply, rx) = oneshot::channel();
+                match handle.post(BucketMsg::SendMany { items, reply }).await {
+                    Ok(()) => Pending::WaitingMany { ids, rx },
+                    Err(e) => refused(&ids, e),
+                }
+            }
+            Err(e) => {
+                let ids: Vec<u32> = items.iter().map(|(id, _)| *id).collect();
+                refused(&ids, e)
+            }
+        };
         let slot = Slot {
             pending,
             _budget: budget,

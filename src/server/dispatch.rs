@@ -237,9 +237,10 @@ impl Services {
                 auth.revoke(s, &user, &permission, &pattern).await?;
                 return empty(id);
             }
-            Command::Send { bucket, batch } => {
-                s.check(Permission::Send, Some(&bucket))?;
-                (bucket, Msg::Send(batch))
+            // The connection routes SENDs itself, gathering consecutive ones
+            // (`server::connection`), so that permission check and post live there.
+            Command::Send { .. } => {
+                return Err(Error::Internal("SEND is routed by the connection".into()))
             }
             Command::View { bucket, arg } => {
                 s.check(Permission::View, Some(&bucket))?;
@@ -253,7 +254,6 @@ impl Services {
         let handle = engine.bucket(&bucket)?;
         let (reply, rx) = oneshot::channel();
         let msg = match msg {
-            Msg::Send(batch) => BucketMsg::Send { id, batch, reply },
             Msg::View(arg) => BucketMsg::View { id, arg, reply },
             Msg::Dump => BucketMsg::Dump { id, reply },
         };
@@ -263,7 +263,6 @@ impl Services {
 }
 
 enum Msg {
-    Send(crate::protocol::SendBatch),
     View(Option<Bytes>),
     Dump,
 }
