@@ -29,5 +29,5 @@ pub mod server;
 pub mod store;
 pub mod tls;
 
-pub use client::Client;
+pub use client::{Client, Take};
 pub use config::Config;

@@ -24,6 +24,22 @@ use tokio::sync::{oneshot, Semaphore};
 
 pub use error::ClientError;
 
+/// A take handed out by TAKE ([`Client::take`]).
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+pub struct Take {
+    /// Its id, increasing per bucket; RELEASE names it.
+    pub id: u64,
+    /// Where its window starts: the previous take's `taken_ms` (the bucket's creation
+    /// for the first), in milliseconds since the Unix epoch.
+    pub since_ms: u64,
+    /// When it was taken; strictly increasing per bucket.
+    pub taken_ms: u64,
+    /// Events accepted into the aggregate it holds.
+    pub events: u64,
+    /// The handler's `dump` result.
+    pub output: serde_json::Value,
+}
+
 use crate::protocol::{Command, Request, Response, Secret, SendBatch, SendOutcome, ServerHello};
 use connection::{Outgoing, SubEvent, Subscriptions};
 
@@ -555,6 +571,38 @@ impl Client {
             bucket: bucket.into(),
         })
         .await
+    }
+
+    /// TAKE, the first phase of a two-phase dump: the bucket's pending take if it has
+    /// one (the same take again), otherwise a new one made from the aggregate, which is
+    /// reset. Store [`Take::output`] elsewhere, then [`Client::release`] it; until then
+    /// every TAKE answers the same take, so a consumer that fails in between loses
+    /// nothing.
+    ///
+    /// # Errors
+    /// As [`Client::dump`].
+    pub async fn take(&self, bucket: &str) -> Result<Take, ClientError> {
+        let body = self
+            .call(Command::Take {
+                bucket: bucket.into(),
+            })
+            .await?;
+        serde_json::from_slice(&body)
+            .map_err(|e| ClientError::Protocol(format!("TAKE answer: {e}")))
+    }
+
+    /// RELEASE, the second phase: forget take `id`. Releasing a take that was
+    /// already released succeeds again.
+    ///
+    /// # Errors
+    /// INVALID_ARGUMENT when the bucket handed out no take `id`; as [`Client::dump`].
+    pub async fn release(&self, bucket: &str, id: u64) -> Result<(), ClientError> {
+        self.call(Command::Release {
+            bucket: bucket.into(),
+            take: id,
+        })
+        .await?;
+        Ok(())
     }
 
     /// INFO for the server, or for one bucket.

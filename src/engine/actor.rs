@@ -38,6 +38,7 @@ use super::exec::{ExecSink, Run};
 use super::options::BucketOptions;
 use super::outbox::{Outbox, Sender};
 use super::subscribers::Subscribers;
+use super::take::{Release, Takes};
 use super::trigger::Trigger;
 use super::worker::WorkerMsg;
 use super::{now_ms, Registry, SendCheck};
@@ -73,6 +74,8 @@ pub(crate) struct ActorInit {
     pub worker: crossbeam_channel::Sender<WorkerMsg>,
     /// The durable log uid; 0 for an in-memory bucket.
     pub uid: u64,
+    /// When the bucket was created (milliseconds since the epoch).
+    pub created_ms: u64,
 }
 
 /// Where a flush's output goes; for a durable bucket, once its record has committed.
@@ -113,6 +116,9 @@ pub(crate) struct Actor {
     awaiting: VecDeque<(u64, Delivery)>,
     /// The records of the SEND group being applied, gathered into one.
     group_record: Option<GroupRecord>,
+    created_ms: u64,
+    /// The two-phase dump's pending take ([`super::take`]).
+    takes: Takes,
 }
 
 /// The answer to a durable request whose record did not commit.
@@ -236,6 +242,8 @@ impl Actor {
             durable: (init.uid != 0).then(|| Durable::new(init.uid)),
             awaiting: VecDeque::new(),
             group_record: None,
+            created_ms: init.created_ms,
+            takes: Takes::new(init.created_ms),
         };
         actor.configure(init.options, env, now);
         actor
@@ -337,6 +345,9 @@ impl Actor {
                 } else {
                     let result = self.instance.dump();
                     let ok = result.is_ok();
+                    if ok {
+                        self.takes.events = 0;
+                    }
                     let response = self.json_response(id, result);
                     if ok && self.durable.is_some() {
                         let done = answer_after_commit(id, reply, response);
@@ -345,6 +356,14 @@ impl Actor {
                     }
                     (reply, response)
                 }
+            }
+            BucketMsg::Take { id, reply } => {
+                self.take(id, reply, env);
+                return true;
+            }
+            BucketMsg::Release { id, take, reply } => {
+                self.release(id, take, reply, env);
+                return true;
             }
             BucketMsg::Subscribe {
                 id,
@@ -437,6 +456,7 @@ impl Actor {
             }
             outcome.accepted += 1;
             self.ordinal += 1;
+            self.takes.events += 1;
             self.hops = self.hops.max(hops);
             if keep {
                 self.retained_bytes += event.len();
@@ -504,7 +524,88 @@ impl Actor {
         self.log_group_record(env);
         if let Some(d) = &mut self.durable {
             d.append(env, record, done);
-            d.maybe_snapshot(env, &self.instance, self.seq, &self.name);
+            if d.snapshot_due() {
+                d.snapshot(env, &self.instance, &self.takes, self.seq, &self.name);
+            }
+        }
+    }
+
+    /// TAKE: the pending take again, or a new one made from the aggregate.
+    fn take(&mut self, id: u32, reply: Reply, env: &ActorEnv) {
+        if let Some(why) = self.unavailable(env) {
+            let _ = reply.send(Response::error(id, ErrorCode::StorageError, &why));
+            return;
+        }
+        if let Some(pending) = &self.takes.pending {
+            // Handed out again: on disk already, unless its record is still queued.
+            let response = Response::ok(id, pending.answer.clone());
+            return self.answer_after_log(env, id, reply, response);
+        }
+        let output = match self.instance.dump() {
+            Ok(output) => output,
+            Err(e) => {
+                let _ = reply.send(self.json_response(id, Err(e)));
+                return;
+            }
+        };
+        let (take, taken_ms) = self.takes.next(now_ms());
+        let answer = self.takes.answer(take, taken_ms, &output);
+        self.takes.taken(take, taken_ms, answer.clone());
+        let stats = &self.shared.stats;
+        stats.takes.store(take, Ordering::Relaxed);
+        stats.take_pending.store(take, Ordering::Relaxed);
+        let response = Response::ok(id, answer.clone());
+        if self.durable.is_none() {
+            let _ = reply.send(response);
+            return;
+        }
+        let record = Record::Take {
+            id: take,
+            taken_ms,
+            answer: &answer,
+        }
+        .encode();
+        self.append(env, record, Some(answer_after_commit(id, reply, response)));
+    }
+
+    /// RELEASE: the pending take `take` is stored elsewhere and can be forgotten.
+    fn release(&mut self, id: u32, take: u64, reply: Reply, env: &ActorEnv) {
+        if let Some(why) = self.unavailable(env) {
+            let _ = reply.send(Response::error(id, ErrorCode::StorageError, &why));
+            return;
+        }
+        match self.takes.release(take) {
+            Release::Released => {
+                self.shared.stats.take_pending.store(0, Ordering::Relaxed);
+                let response = Response::empty(id);
+                if self.durable.is_none() {
+                    let _ = reply.send(response);
+                    return;
+                }
+                let record = Record::Release { id: take }.encode();
+                self.append(env, record, Some(answer_after_commit(id, reply, response)));
+            }
+            Release::Already => self.answer_after_log(env, id, reply, Response::empty(id)),
+            Release::Unknown => {
+                let last = self.takes.last_id;
+                let msg = format!(
+                    "bucket {:?} handed out no take {take} (its last take is {last})",
+                    self.name
+                );
+                let _ = reply.send(Response::error(id, ErrorCode::InvalidArgument, &msg));
+            }
+        }
+    }
+
+    /// Sends `response` once everything this bucket has queued for the disk has
+    /// committed (at once for an in-memory bucket).
+    fn answer_after_log(&mut self, env: &ActorEnv, id: u32, reply: Reply, response: Response) {
+        self.log_group_record(env);
+        match &mut self.durable {
+            Some(d) => d.barrier(env, answer_after_commit(id, reply, response)),
+            None => {
+                let _ = reply.send(response);
+            }
         }
     }
 
@@ -571,6 +672,7 @@ impl Actor {
             }
         };
         self.trigger.flushed(now);
+        self.takes.events = 0;
         stats.pending.store(0, Ordering::Relaxed);
         let hops = self.hops.saturating_add(1);
         self.hops = 0;
@@ -676,7 +778,7 @@ impl Actor {
     /// Graceful shutdown: a durable bucket snapshots its state.
     pub fn shutdown(&mut self, env: &ActorEnv) {
         if let Some(d) = &mut self.durable {
-            d.snapshot(env, &self.instance, self.seq, &self.name);
+            d.snapshot(env, &self.instance, &self.takes, self.seq, &self.name);
         }
     }
 
@@ -710,9 +812,14 @@ impl Actor {
             self.awaiting.clear();
         }
         let snapshot = env.store.snapshot(uid).map_err(|e| e.to_string())?;
+        self.takes = Takes::new(self.created_ms);
         let (mut seq, snapshot_lsn) = match &snapshot {
             Some(s) => {
-                self.instance.restore(&s.state).map_err(|e| e.to_string())?;
+                let (takes, state) = Takes::decode_header(&s.state)?;
+                self.instance.restore(state).map_err(|e| e.to_string())?;
+                if let Some(takes) = takes {
+                    self.takes = takes;
+                }
                 (s.seq, s.lsn)
             }
             None => (0, 0),
@@ -722,7 +829,7 @@ impl Actor {
             ..Recovery::default()
         };
         let keep = self.exec.is_some();
-        let (instance, retained) = (&mut self.instance, &mut self.retained);
+        let (instance, retained, takes) = (&mut self.instance, &mut self.retained, &mut self.takes);
         let (mut pending, mut ordinal) = (0u64, self.ordinal);
         let bucket = self.name.clone();
         let last = env
@@ -738,6 +845,7 @@ impl Actor {
                                 recovery.events += 1;
                                 pending += 1;
                                 ordinal += 1;
+                                takes.events += 1;
                                 if keep {
                                     retained.push(event.to_vec());
                                 }
@@ -746,6 +854,20 @@ impl Actor {
                     }
                     Ok(Record::Dump) => {
                         let _ = instance.dump();
+                        takes.events = 0;
+                    }
+                    Ok(Record::Take {
+                        id,
+                        taken_ms,
+                        answer,
+                    }) => {
+                        // The state is reset as the take did; the answer is the one
+                        // handed out, not a new rendering of it.
+                        let _ = instance.dump();
+                        takes.taken(id, taken_ms, Bytes::copy_from_slice(answer));
+                    }
+                    Ok(Record::Release { id }) => {
+                        takes.release(id);
                     }
                     Ok(Record::Flush { seq: s }) => {
                         let info = FlushInfo {
@@ -756,6 +878,7 @@ impl Actor {
                         };
                         let _ = instance.flush(&info);
                         pending = 0;
+                        takes.events = 0;
                         retained.clear();
                         if s > 0 {
                             seq = s;
@@ -773,6 +896,10 @@ impl Actor {
         }
         self.retained_bytes = self.retained.iter().map(Vec::len).sum();
         self.ordinal = ordinal;
+        let stats = &self.shared.stats;
+        stats.takes.store(self.takes.last_id, Ordering::Relaxed);
+        let pending_take = self.takes.pending.as_ref().map_or(0, |p| p.id);
+        stats.take_pending.store(pending_take, Ordering::Relaxed);
         self.seq = seq;
         self.shared.stats.outputs.store(seq, Ordering::Relaxed);
         self.trigger.set_pending(pending, Instant::now());
@@ -793,7 +920,7 @@ impl Actor {
             // A long replay is snapshotted now, before the bucket serves, rather than at
             // its first request: the next restart is then short, even if it comes soon.
             if replayed >= super::durable::SNAPSHOT_EVERY_RECORDS / 2 {
-                d.snapshot(env, &self.instance, self.seq, &self.name);
+                d.snapshot(env, &self.instance, &self.takes, self.seq, &self.name);
             }
         }
         self.publish_info();

@@ -54,6 +54,22 @@ pub enum BucketMsg {
         /// Where the answer goes.
         reply: Reply,
     },
+    /// The pending take, made from the aggregate if there is none ([`super::take`]).
+    Take {
+        /// Request id.
+        id: u32,
+        /// Where the answer goes.
+        reply: Reply,
+    },
+    /// Forget the pending take `take`.
+    Release {
+        /// Request id.
+        id: u32,
+        /// The take's id.
+        take: u64,
+        /// Where the answer goes.
+        reply: Reply,
+    },
     /// Events another bucket's flush sent here (`forward` or `ctx.emit`); no answer.
     Forwarded {
         /// The events.
@@ -101,6 +117,10 @@ pub struct BucketStats {
     pub views: AtomicU64,
     /// DUMP requests answered.
     pub dumps: AtomicU64,
+    /// Takes made (the last one's id).
+    pub takes: AtomicU64,
+    /// The pending take's id, 0 if there is none.
+    pub take_pending: AtomicU64,
     /// Bytes used by the Lua state after the last message.
     pub memory: AtomicU64,
     /// Scheduled flushes that ran (including those with nothing to output).

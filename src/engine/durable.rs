@@ -16,6 +16,7 @@ use crate::script::HandlerInstance;
 use crate::store::log::{Completion, Op};
 
 use super::actor::ActorEnv;
+use super::take::Takes;
 
 /// Records between snapshots: bounds the log, and so the recovery time.
 pub const SNAPSHOT_EVERY_RECORDS: u64 = 10_000;
@@ -107,6 +108,12 @@ impl Durable {
         self.lsn
     }
 
+    /// Runs `done` once every op queued before now has committed (or failed).
+    pub fn barrier(&mut self, env: &ActorEnv, done: Completion) {
+        let done = self.track(Some(done));
+        env.log.submit(Op::Barrier { done: Some(done) });
+    }
+
     /// Counts the op in flight until its completion, and marks the bucket diverged if
     /// it fails.
     fn track(&self, done: Option<Completion>) -> Completion {
@@ -123,22 +130,21 @@ impl Durable {
         })
     }
 
-    /// Takes a snapshot if enough has been logged since the last one.
-    pub fn maybe_snapshot(
+    /// Whether enough has been logged since the last snapshot to take one.
+    pub fn snapshot_due(&self) -> bool {
+        self.since_snapshot >= SNAPSHOT_EVERY_RECORDS || self.bytes_since >= SNAPSHOT_EVERY_BYTES
+    }
+
+    /// Stores the state (the take header, then the handler state) as of the last
+    /// record and drops the records it covers.
+    pub fn snapshot(
         &mut self,
         env: &ActorEnv,
         instance: &HandlerInstance,
+        takes: &Takes,
         seq: u64,
         bucket: &str,
     ) {
-        if self.since_snapshot >= SNAPSHOT_EVERY_RECORDS || self.bytes_since >= SNAPSHOT_EVERY_BYTES
-        {
-            self.snapshot(env, instance, seq, bucket);
-        }
-    }
-
-    /// Stores the state as of the last record and drops the records it covers.
-    pub fn snapshot(&mut self, env: &ActorEnv, instance: &HandlerInstance, seq: u64, bucket: &str) {
         if self.lsn == self.snapshot_lsn || self.unavailable(env).is_some() {
             return;
         }
@@ -146,7 +152,11 @@ impl Durable {
         self.bytes_since = 0;
         let started = Instant::now();
         match instance.snapshot() {
-            Ok(state) => {
+            Ok(handler_state) => {
+                let mut state = Vec::with_capacity(64 + handler_state.len());
+                takes.encode_header(&mut state);
+                state.extend_from_slice(&handler_state);
+                drop(handler_state);
                 tracing::debug!(
                     bucket,
                     bytes = state.len(),

@@ -12,6 +12,7 @@ mod options;
 mod outbox;
 mod stats;
 mod subscribers;
+mod take;
 mod trigger;
 mod worker;
 
@@ -304,6 +305,7 @@ impl Engine {
                 config: spec.config.clone(),
                 limits: self.limits.clone(),
                 uid: if options.durable { spec.uid } else { 0 },
+                created_ms: spec.created_ms,
                 recover: options.durable && !persist,
                 mailbox,
                 shared: shared.clone(),
@@ -535,6 +537,11 @@ fn bucket_info(h: &BucketHandle) -> serde_json::Value {
         "sends": load(&s.sends),
         "views": load(&s.views),
         "dumps": load(&s.dumps),
+        "takes": load(&s.takes),
+        "take_pending": match load(&s.take_pending) {
+            0 => serde_json::Value::Null,
+            id => id.into(),
+        },
         "queue_depth": h.queue_depth(),
         "queue_capacity": h.queue_capacity(),
         "memory_bytes": load(&s.memory),

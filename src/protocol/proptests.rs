@@ -37,6 +37,8 @@ fn command() -> impl Strategy<Value = Command> {
         (name(), proptest::option::of(blob()))
             .prop_map(|(bucket, arg)| Command::View { bucket, arg }),
         name().prop_map(|bucket| Command::Dump { bucket }),
+        name().prop_map(|bucket| Command::Take { bucket }),
+        (name(), any::<u64>()).prop_map(|(bucket, take)| Command::Release { bucket, take }),
         proptest::option::of(name()).prop_map(|bucket| Command::Info { bucket }),
     ]
 }

@@ -49,6 +49,10 @@ pub const OP_INFO: u8 = 0x08;
 pub const OP_ALTER: u8 = 0x09;
 /// Opcode of RELOAD.
 pub const OP_RELOAD: u8 = 0x0a;
+/// Opcode of TAKE.
+pub const OP_TAKE: u8 = 0x0b;
+/// Opcode of RELEASE.
+pub const OP_RELEASE: u8 = 0x0c;
 /// Opcode of SUBSCRIBE.
 pub const OP_SUBSCRIBE: u8 = 0x20;
 /// Opcode of UNSUBSCRIBE.
@@ -141,6 +145,19 @@ pub enum Command {
         /// Bucket name.
         bucket: String,
     },
+    /// The first phase of a two-phase dump: the bucket's pending take, made from the
+    /// aggregate (which is reset) if there is none.
+    Take {
+        /// Bucket name.
+        bucket: String,
+    },
+    /// The second phase: forget the pending take `take`, now safely stored elsewhere.
+    Release {
+        /// Bucket name.
+        bucket: String,
+        /// The take's id.
+        take: u64,
+    },
     /// Server counters, or one bucket's.
     Info {
         /// Bucket name, or none for the server.
@@ -227,6 +244,8 @@ impl Command {
             Command::Send { .. } => OP_SEND,
             Command::View { .. } => OP_VIEW,
             Command::Dump { .. } => OP_DUMP,
+            Command::Take { .. } => OP_TAKE,
+            Command::Release { .. } => OP_RELEASE,
             Command::Info { .. } => OP_INFO,
             Command::Alter { .. } => OP_ALTER,
             Command::Reload => OP_RELOAD,
@@ -253,6 +272,8 @@ impl Command {
             Command::Send { .. } => "SEND",
             Command::View { .. } => "VIEW",
             Command::Dump { .. } => "DUMP",
+            Command::Take { .. } => "TAKE",
+            Command::Release { .. } => "RELEASE",
             Command::Info { .. } => "INFO",
             Command::Alter { .. } => "ALTER",
             Command::Reload => "RELOAD",
@@ -449,6 +470,13 @@ impl Request {
             OP_DUMP => Command::Dump {
                 bucket: r.str16("bucket").map_err(malformed)?,
             },
+            OP_TAKE => Command::Take {
+                bucket: r.str16("bucket").map_err(malformed)?,
+            },
+            OP_RELEASE => Command::Release {
+                bucket: r.str16("bucket").map_err(malformed)?,
+                take: r.u64("take").map_err(malformed)?,
+            },
             OP_INFO => {
                 let bucket = match r.present("bucket").map_err(malformed)? {
                     true => Some(r.str16("bucket").map_err(malformed)?),
@@ -534,7 +562,12 @@ impl Request {
                 }
                 Command::Drop { bucket }
                 | Command::Dump { bucket }
+                | Command::Take { bucket }
                 | Command::Subscribe { bucket } => put_str16(b, bucket),
+                Command::Release { bucket, take } => {
+                    put_str16(b, bucket);
+                    b.put_u64(*take);
+                }
                 Command::List | Command::Whoami | Command::UserList | Command::Reload => {}
                 Command::Alter { bucket, options } => {
                     put_str16(b, bucket);
@@ -642,6 +675,11 @@ mod tests {
             arg: None,
         });
         round_trip(Command::Dump { bucket: "b".into() });
+        round_trip(Command::Take { bucket: "b".into() });
+        round_trip(Command::Release {
+            bucket: "b".into(),
+            take: u64::MAX - 1,
+        });
         round_trip(Command::Alter {
             bucket: "b".into(),
             options: Bytes::from_static(b"{\"every\":1}"),

@@ -68,6 +68,17 @@ impl Reader {
         Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     }
 
+    /// Reads a big-endian u64.
+    ///
+    /// # Errors
+    /// [`WireError::Truncated`].
+    pub fn u64(&mut self, what: &'static str) -> Result<u64, WireError> {
+        let b = self.take(8, what)?;
+        let mut v = [0u8; 8];
+        v.copy_from_slice(b);
+        Ok(u64::from_be_bytes(v))
+    }
+
     /// Reads `n` raw bytes without copying.
     ///
     /// # Errors

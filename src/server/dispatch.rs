@@ -250,12 +250,22 @@ impl Services {
                 s.check(Permission::Dump, Some(&bucket))?;
                 (bucket, Msg::Dump)
             }
+            Command::Take { bucket } => {
+                s.check(Permission::Dump, Some(&bucket))?;
+                (bucket, Msg::Take)
+            }
+            Command::Release { bucket, take } => {
+                s.check(Permission::Dump, Some(&bucket))?;
+                (bucket, Msg::Release(take))
+            }
         };
         let handle = engine.bucket(&bucket)?;
         let (reply, rx) = oneshot::channel();
         let msg = match msg {
             Msg::View(arg) => BucketMsg::View { id, arg, reply },
             Msg::Dump => BucketMsg::Dump { id, reply },
+            Msg::Take => BucketMsg::Take { id, reply },
+            Msg::Release(take) => BucketMsg::Release { id, take, reply },
         };
         handle.post(msg).await?;
         Ok(Pending::Waiting { id, rx })
@@ -265,4 +275,6 @@ impl Services {
 enum Msg {
     View(Option<Bytes>),
     Dump,
+    Take,
+    Release(u64),
 }

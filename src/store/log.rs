@@ -10,7 +10,7 @@
 //! one commit (group commit): durable throughput grows with concurrency. Tables:
 //!
 //! - `log`: (bucket uid, lsn) → record. A record is one SEND batch (or forwarded
-//!   batch), one DUMP, or one flush: [`Record`].
+//!   batch), DUMP, TAKE, RELEASE or flush: [`Record`].
 //! - `snapshots`: bucket uid → `lsn:u64be seq:u64be state`, the state after the record
 //!   `lsn`, and the last output `seq`. A snapshot and the removal of the records it
 //!   covers are one transaction, so a crash between them cannot lose or repeat anything.
@@ -63,6 +63,20 @@ pub enum Record<'a> {
         /// The output's sequence number.
         seq: u64,
     },
+    /// A TAKE that made take `id` at `taken_ms` (a dump of the state), and its answer.
+    Take {
+        /// The take's id.
+        id: u64,
+        /// Its time.
+        taken_ms: u64,
+        /// The answer, handed out again until the take is released.
+        answer: &'a [u8],
+    },
+    /// A RELEASE of the pending take `id`.
+    Release {
+        /// The take's id.
+        id: u64,
+    },
 }
 
 /// The first byte of a [`Record::Send`].
@@ -70,6 +84,12 @@ pub const SEND_TAG: u8 = 1;
 const SEND: u8 = SEND_TAG;
 const DUMP: u8 = 2;
 const FLUSH: u8 = 3;
+const TAKE: u8 = 4;
+const RELEASE: u8 = 5;
+
+fn be_u64(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.try_into().ok()?))
+}
 
 impl Record<'_> {
     /// The stored bytes.
@@ -85,6 +105,23 @@ impl Record<'_> {
             Record::Flush { seq } => {
                 let mut v = vec![FLUSH];
                 v.extend_from_slice(&seq.to_be_bytes());
+                v
+            }
+            Record::Take {
+                id,
+                taken_ms,
+                answer,
+            } => {
+                let mut v = Vec::with_capacity(17 + answer.len());
+                v.push(TAKE);
+                v.extend_from_slice(&id.to_be_bytes());
+                v.extend_from_slice(&taken_ms.to_be_bytes());
+                v.extend_from_slice(answer);
+                v
+            }
+            Record::Release { id } => {
+                let mut v = vec![RELEASE];
+                v.extend_from_slice(&id.to_be_bytes());
                 v
             }
         }
@@ -104,6 +141,22 @@ impl Record<'_> {
                     seq: u64::from_be_bytes(seq),
                 })
             }
+            Some((&TAKE, rest)) if rest.len() >= 16 => {
+                let (head, answer) = rest.split_at(16);
+                let (id, taken_ms) = (be_u64(&head[..8]), be_u64(&head[8..]));
+                match (id, taken_ms) {
+                    (Some(id), Some(taken_ms)) => Ok(Record::Take {
+                        id,
+                        taken_ms,
+                        answer,
+                    }),
+                    _ => Err("malformed take record".into()),
+                }
+            }
+            Some((&RELEASE, id)) => match be_u64(id) {
+                Some(id) => Ok(Record::Release { id }),
+                None => Err("malformed release record".into()),
+            },
             Some((tag, _)) => Err(format!("unknown record tag {tag}")),
             None => Err("empty record".into()),
         }
@@ -142,6 +195,12 @@ pub enum Op {
         /// Called after the commit.
         done: Option<Completion>,
     },
+    /// Write nothing; `done` runs once every op queued before it has committed (or
+    /// failed): an answer that must not go out before earlier records are on disk.
+    Barrier {
+        /// Called after the commit.
+        done: Option<Completion>,
+    },
     /// Remove every record and the snapshot of a dropped bucket.
     Forget {
         /// The bucket's uid.
@@ -154,13 +213,15 @@ impl Op {
         match self {
             Op::Append { record, .. } => record.len(),
             Op::Snapshot { state, .. } => state.len(),
-            Op::Forget { .. } => 0,
+            Op::Forget { .. } | Op::Barrier { .. } => 0,
         }
     }
 
     fn done(&mut self) -> Option<Completion> {
         match self {
-            Op::Append { done, .. } | Op::Snapshot { done, .. } => done.take(),
+            Op::Append { done, .. } | Op::Snapshot { done, .. } | Op::Barrier { done } => {
+                done.take()
+            }
             Op::Forget { .. } => None,
         }
     }
@@ -404,6 +465,7 @@ fn commit(db: &redb::Database, batch: &[Op]) -> Result<(), StoreError> {
                     log.retain_in((*uid, 0)..=(*uid, u64::MAX), |_, _| false)
                         .map_err(io)?;
                 }
+                Op::Barrier { .. } => {}
             }
         }
     }
@@ -573,12 +635,25 @@ mod tests {
             Record::Send(b"\x00\x00\x00\x00"),
             Record::Dump,
             Record::Flush { seq: 9 },
+            Record::Take {
+                id: 3,
+                taken_ms: 1_764_547_200_000,
+                answer: b"{\"id\":3}",
+            },
+            Record::Take {
+                id: 4,
+                taken_ms: 5,
+                answer: b"",
+            },
+            Record::Release { id: u64::MAX },
         ] {
             assert_eq!(Record::decode(&r.encode()), Ok(r.clone()));
         }
         assert!(Record::decode(b"").is_err());
         assert!(Record::decode(b"\x09").is_err());
         assert!(Record::decode(b"\x03\x00").is_err());
+        assert!(Record::decode(b"\x04\x00\x00").is_err());
+        assert!(Record::decode(b"\x05\x00").is_err());
     }
 
     #[test]

@@ -11,4 +11,5 @@ mod sandbox;
 mod schedule;
 mod spec_vectors;
 mod stock_handlers;
+mod take;
 mod tls;

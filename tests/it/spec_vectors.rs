@@ -150,6 +150,11 @@ fn request_of(d: &Value) -> Result<Request, String> {
             },
         },
         "dump" => Command::Dump { bucket: bucket()? },
+        "take" => Command::Take { bucket: bucket()? },
+        "release" => Command::Release {
+            bucket: bucket()?,
+            take: number(d, "take")?,
+        },
         "info" => Command::Info {
             bucket: match field(d, "bucket")? {
                 Value::Null => None,
@@ -492,6 +497,11 @@ fn every_command() -> Vec<Command> {
             arg: None,
         },
         Command::Dump { bucket: s() },
+        Command::Take { bucket: s() },
+        Command::Release {
+            bucket: s(),
+            take: 1,
+        },
         Command::Info { bucket: None },
         Command::Alter {
             bucket: s(),
@@ -535,6 +545,8 @@ fn every_command() -> Vec<Command> {
             | Command::Send { .. }
             | Command::View { .. }
             | Command::Dump { .. }
+            | Command::Take { .. }
+            | Command::Release { .. }
             | Command::Info { .. }
             | Command::Alter { .. }
             | Command::Reload

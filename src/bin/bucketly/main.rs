@@ -120,6 +120,19 @@ enum Cmd {
         /// Bucket name.
         bucket: String,
     },
+    /// Two-phase dump, first phase: print the bucket's pending take (making one from
+    /// the aggregate, which is reset, if there is none) as JSON.
+    Take {
+        /// Bucket name.
+        bucket: String,
+    },
+    /// Two-phase dump, second phase: forget take ID once its output is stored.
+    Release {
+        /// Bucket name.
+        bucket: String,
+        /// The take's id (the `id` that `take` printed).
+        id: u64,
+    },
     /// Server counters, or a bucket's.
     Info {
         /// Bucket name.
@@ -355,6 +368,11 @@ async fn run(args: Args) -> Result<(), String> {
                 .map_err(text)?,
         ),
         Cmd::Dump { bucket } => print(client.dump(&bucket).await.map_err(text)?),
+        Cmd::Take { bucket } => {
+            let take = client.take(&bucket).await.map_err(text)?;
+            print(serde_json::to_value(take).map_err(|e| e.to_string())?);
+        }
+        Cmd::Release { bucket, id } => client.release(&bucket, id).await.map_err(text)?,
         Cmd::Info { bucket } => print(client.info(bucket.as_deref()).await.map_err(text)?),
     }
     Ok(())
