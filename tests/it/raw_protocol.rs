@@ -31,6 +31,8 @@ const OP_DUMP: u8 = 0x07;
 const OP_INFO: u8 = 0x08;
 const OP_ALTER: u8 = 0x09;
 const OP_RELOAD: u8 = 0x0a;
+const OP_TAKE: u8 = 0x0b;
+const OP_RELEASE: u8 = 0x0c;
 const OP_LOGIN: u8 = 0x10;
 const OP_WHOAMI: u8 = 0x11;
 const OP_USER_ADD: u8 = 0x12;
@@ -701,7 +703,7 @@ async fn random_bodies_in_valid_frames_are_answered_one_by_one() {
     let mut bytes = Vec::new();
     let mut sent = Vec::new();
     // The opcodes of the v1 commands and their unknown neighbours.
-    let near: Vec<u8> = (0x00..=0x0b)
+    let near: Vec<u8> = (0x00..=0x0d)
         .chain(0x10..=0x18)
         .chain(0x20..=0x22)
         .collect();
@@ -739,7 +741,7 @@ async fn random_bodies_in_valid_frames_are_answered_one_by_one() {
                 assert_eq!(r.status, Status::Error, "{msg}");
                 // Logged in as admin: never AUTH_REQUIRED or PERMISSION_DENIED.
                 let expected: &[u16] = match *op {
-                    OP_CREATE..=OP_ALTER | OP_SUBSCRIBE => &[
+                    OP_CREATE..=OP_ALTER | OP_TAKE | OP_RELEASE | OP_SUBSCRIBE => &[
                         MALFORMED_REQUEST,
                         INVALID_ARGUMENT,
                         NO_SUCH_BUCKET,
@@ -993,7 +995,7 @@ async fn unknown_opcodes_are_request_errors() {
     let mut conn = server.raw().await;
     let cases = [
         (0x00u8, 1u32, &b"whatever"[..]),
-        (0x0b, 0, b"x"),
+        (0x0d, 0, b"x"),
         (0x18, 3, b""),
         (0x22, 5, b"\x00\x06clicks"),
         (0x42, 7, b""),
