@@ -74,8 +74,8 @@ pub(crate) struct ActorInit {
     pub worker: crossbeam_channel::Sender<WorkerMsg>,
     /// The durable log uid; 0 for an in-memory bucket.
     pub uid: u64,
-    /// When the bucket was created (milliseconds since the epoch).
-    pub created_ms: u64,
+    /// Where the first take's window starts (ms since the epoch); see `Takes::new`.
+    pub first_window_ms: u64,
 }
 
 /// Where a flush's output goes; for a durable bucket, once its record has committed.
@@ -116,7 +116,8 @@ pub(crate) struct Actor {
     awaiting: VecDeque<(u64, Delivery)>,
     /// The records of the SEND group being applied, gathered into one.
     group_record: Option<GroupRecord>,
-    created_ms: u64,
+    /// Where the first take's window starts; recovery resets to it before replay.
+    first_window_ms: u64,
     /// The two-phase dump's pending take ([`super::take`]).
     takes: Takes,
 }
@@ -242,8 +243,8 @@ impl Actor {
             durable: (init.uid != 0).then(|| Durable::new(init.uid)),
             awaiting: VecDeque::new(),
             group_record: None,
-            created_ms: init.created_ms,
-            takes: Takes::new(init.created_ms),
+            first_window_ms: init.first_window_ms,
+            takes: Takes::new(init.first_window_ms),
         };
         actor.configure(init.options, env, now);
         actor
@@ -812,7 +813,7 @@ impl Actor {
             self.awaiting.clear();
         }
         let snapshot = env.store.snapshot(uid).map_err(|e| e.to_string())?;
-        self.takes = Takes::new(self.created_ms);
+        self.takes = Takes::new(self.first_window_ms);
         let (mut seq, snapshot_lsn) = match &snapshot {
             Some(s) => {
                 let (takes, state) = Takes::decode_header(&s.state)?;

@@ -305,7 +305,14 @@ impl Engine {
                 config: spec.config.clone(),
                 limits: self.limits.clone(),
                 uid: if options.durable { spec.uid } else { 0 },
-                created_ms: spec.created_ms,
+                // A durable bucket's takes continue from its log. An in-memory bucket
+                // loaded at start-up lost its aggregate and take history: its windows
+                // start afresh now, so none can claim a window stored before the restart.
+                first_window_ms: if persist || options.durable {
+                    spec.created_ms
+                } else {
+                    now_ms().max(spec.created_ms)
+                },
                 recover: options.durable && !persist,
                 mailbox,
                 shared: shared.clone(),

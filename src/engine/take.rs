@@ -53,10 +53,11 @@ const HEADER_TAG: u8 = 0xff;
 const HEADER_VERSION: u8 = 1;
 
 impl Takes {
-    /// A bucket created at `created_ms`: its first window starts then.
-    pub fn new(created_ms: u64) -> Takes {
+    /// No take yet: the first window starts at `first_window_ms` (the bucket's creation,
+    /// or for an in-memory bucket loaded at start-up, that start).
+    pub fn new(first_window_ms: u64) -> Takes {
         Takes {
-            last_ms: created_ms,
+            last_ms: first_window_ms,
             ..Takes::default()
         }
     }

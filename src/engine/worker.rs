@@ -73,8 +73,8 @@ pub(crate) struct BucketStart {
     pub limits: ScriptLimits,
     /// The durable log uid; 0 for an in-memory bucket.
     pub uid: u64,
-    /// When the bucket was created (milliseconds since the epoch).
-    pub created_ms: u64,
+    /// Where the first take's window starts (ms since the epoch); see `Takes::new`.
+    pub first_window_ms: u64,
     /// Rebuild the state from the durable log (at start-up).
     pub recover: bool,
     pub mailbox: mpsc::Receiver<BucketMsg>,
@@ -267,7 +267,7 @@ impl Worker {
             limits: c.limits,
             worker: self.me.clone(),
             uid: c.uid,
-            created_ms: c.created_ms,
+            first_window_ms: c.first_window_ms,
         };
         let mut actor = Actor::new(init, &self.env);
         if c.recover {
