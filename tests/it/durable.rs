@@ -19,6 +19,7 @@ use redb::{BackendError, StorageBackend};
 use serde_json::{json, Value};
 
 use crate::common::{config_in, Daemon, TestServer};
+use crate::unique_clicks::producer::SplitMix64;
 
 /// The bucket the crash harness sends to.
 const CRASH_BUCKET: &str = "c";
@@ -32,29 +33,6 @@ const CRASH_BATCH: usize = 20;
 /// grows by ~20,000 keys a cycle, each check reads it all, and the snapshot of a
 /// 400,000-key state stalls the bucket for longer than the longest crash delay.
 const CRASH_DUMP_AT: usize = 100_000;
-
-/// A small deterministic PRNG (splitmix64), seeded per cycle so a failing cycle can be
-/// replayed with the same crash point.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `lo..=hi`.
-    fn between(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
-    }
-}
 
 /// A counter bucket's view as key → count.
 fn counts(view: &Value) -> BTreeMap<String, u64> {
@@ -240,8 +218,9 @@ async fn crash_cycles(cycles: u32) {
             attempted.clear();
             dumps += 1;
         }
-        let mut rng = Rng::new(0xB0C4_E71D ^ (u64::from(cycle) << 32));
-        let delay = Duration::from_millis(rng.between(30, 300));
+        // Seeded per cycle, so a failing cycle can be replayed with the same crash point.
+        let mut rng = SplitMix64(0xB0C4_E71D ^ (u64::from(cycle) << 32));
+        let delay = Duration::from_millis(30 + rng.below(271));
         let mut clients = Vec::new();
         for _ in 0..CRASH_CLIENTS {
             clients.push(daemon.client().await);

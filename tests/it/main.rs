@@ -13,3 +13,4 @@ mod spec_vectors;
 mod stock_handlers;
 mod take;
 mod tls;
+mod unique_clicks;
