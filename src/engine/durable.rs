@@ -111,7 +111,11 @@ impl Durable {
     /// Runs `done` once every op queued before now has committed (or failed).
     pub fn barrier(&mut self, env: &ActorEnv, done: Completion) {
         let done = self.track(Some(done));
-        env.log.submit(Op::Barrier { done: Some(done) });
+        env.log.submit(Op::Barrier {
+            uid: self.uid,
+            lsn: self.lsn,
+            done: Some(done),
+        });
     }
 
     /// Counts the op in flight until its completion, and marks the bucket diverged if

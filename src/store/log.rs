@@ -17,17 +17,20 @@
 //!
 //! A failed commit *latches* the log: every op is refused until the database has been
 //! opened again and a write has committed; the writer retries that with a growing pause
-//! (1 s, doubling up to 30 s). Completions then report failure, never success.
+//! (1 s, doubling up to 30 s). Completions then report failure, never success. An op
+//! that does not continue its bucket's records on disk — queued behind a failed commit,
+//! from a state that included the refused records — is refused too ([`chain`]).
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
+use super::chain::{self, Chains, Link};
 use super::{io, Store, StoreError};
 
 const LOG: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("log");
@@ -196,8 +199,13 @@ pub enum Op {
         done: Option<Completion>,
     },
     /// Write nothing; `done` runs once every op queued before it has committed (or
-    /// failed): an answer that must not go out before earlier records are on disk.
+    /// failed): an answer that must not go out before earlier records are on disk. It
+    /// fails unless record `lsn` of bucket `uid` is the last one on disk.
     Barrier {
+        /// The bucket's uid.
+        uid: u64,
+        /// The bucket's last record, which must be on disk.
+        lsn: u64,
         /// Called after the commit.
         done: Option<Completion>,
     },
@@ -219,10 +227,18 @@ impl Op {
 
     fn done(&mut self) -> Option<Completion> {
         match self {
-            Op::Append { done, .. } | Op::Snapshot { done, .. } | Op::Barrier { done } => {
+            Op::Append { done, .. } | Op::Snapshot { done, .. } | Op::Barrier { done, .. } => {
                 done.take()
             }
             Op::Forget { .. } => None,
+        }
+    }
+
+    fn link(&self) -> Link {
+        match *self {
+            Op::Append { uid, lsn, .. } => Link::Append { uid, lsn },
+            Op::Snapshot { uid, lsn, .. } | Op::Barrier { uid, lsn, .. } => Link::At { uid, lsn },
+            Op::Forget { uid } => Link::Forget { uid },
         }
     }
 }
@@ -296,6 +312,7 @@ impl DurableLog {
             store,
             health: health.clone(),
             recovered,
+            chains: Chains::default(),
         };
         let thread = std::thread::Builder::new()
             .name("bucketly-writer".into())
@@ -337,36 +354,35 @@ struct Writer {
     store: Arc<Store>,
     health: Arc<Health>,
     recovered: Box<dyn Fn() + Send>,
+    /// Each durable bucket's log on disk stays an unbroken chain ([`chain`]).
+    chains: Chains,
 }
 
 impl Writer {
-    fn run(self, rx: crossbeam_channel::Receiver<Op>) {
+    fn run(mut self, rx: crossbeam_channel::Receiver<Op>) {
         let mut retry = FIRST_RETRY;
+        // Set while the log is latched: when to open the database again.
+        let mut reopen_at: Option<Instant> = None;
         loop {
-            let first = if self.health.problem().is_some() {
-                match rx.recv_timeout(retry) {
-                    Ok(op) => Some(op),
-                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => None,
+            if let Some(at) = reopen_at {
+                match rx.recv_deadline(at) {
+                    Ok(op) => {
+                        self.refuse(vec![op], &rx);
+                        continue;
+                    }
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
                     Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
                 }
-            } else {
-                match rx.recv() {
-                    Ok(op) => Some(op),
-                    Err(_) => return,
-                }
-            };
-            if self.health.problem().is_some() {
                 if self.try_recover() {
                     retry = FIRST_RETRY;
+                    reopen_at = None;
                 } else {
                     retry = (retry * 2).min(MAX_RETRY);
-                    if let Some(op) = first {
-                        self.refuse(vec![op], &rx);
-                    }
-                    continue;
+                    reopen_at = Some(Instant::now() + retry);
                 }
+                continue;
             }
-            let Some(first) = first else { continue };
+            let Ok(first) = rx.recv() else { return };
             let mut batch = vec![first];
             let mut bytes = batch[0].bytes();
             while batch.len() < BATCH_OPS && bytes < BATCH_BYTES {
@@ -378,48 +394,101 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let result = self.store.with(|db| commit(db, &batch));
-            match &result {
-                Ok(()) => {
-                    self.health.commits.fetch_add(1, Ordering::Relaxed);
-                    self.health
-                        .ops
-                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                }
-                Err(e) => {
-                    tracing::error!(
-                        "durable write failed, {} op(s) not acknowledged; durable buckets refuse \
-                         writes until the database can be written again: {e}",
-                        batch.len()
-                    );
-                    self.health.latch(e);
-                }
-            }
-            for mut op in batch {
-                if let Some(done) = op.done() {
-                    done(result.as_ref().map(|_| ()));
-                }
+            if !self.commit_batch(batch) {
+                reopen_at = Some(Instant::now() + retry);
             }
         }
     }
 
+    /// Commits the ops that continue their buckets' chains, then runs every op's
+    /// completion in queue order. False if the commit failed (the log is latched then).
+    fn commit_batch(&mut self, batch: Vec<Op>) -> bool {
+        let mut links = chain::Batch::default();
+        let mut broken = Vec::with_capacity(batch.len());
+        let (mut ops, mut writes) = (Vec::with_capacity(batch.len()), false);
+        for op in batch {
+            match self.chains.admit(&mut links, op.link()) {
+                Ok(()) => {
+                    writes |= !matches!(op, Op::Barrier { .. });
+                    ops.push(op);
+                    broken.push(None);
+                }
+                Err(last) => {
+                    broken.push(Some((op.link(), last)));
+                    ops.push(op);
+                }
+            }
+        }
+        let admitted: Vec<&Op> = ops
+            .iter()
+            .zip(&broken)
+            .filter_map(|(op, b)| b.is_none().then_some(op))
+            .collect();
+        // Barriers alone need no transaction: everything before them has completed.
+        let result = if writes {
+            self.store.with(|db| commit(db, &admitted))
+        } else {
+            Ok(())
+        };
+        drop(admitted);
+        let committed = result.is_ok();
+        match &result {
+            Ok(()) => {
+                self.health
+                    .commits
+                    .fetch_add(u64::from(writes), Ordering::Relaxed);
+                let n = broken.iter().filter(|b| b.is_none()).count();
+                self.health.ops.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(e) => {
+                tracing::error!(
+                    "durable write failed, {} op(s) not acknowledged; durable buckets refuse \
+                     writes until the database can be written again: {e}",
+                    ops.len()
+                );
+                self.health.latch(e);
+            }
+        }
+        self.chains.settle(links, committed);
+        for (mut op, broken) in ops.into_iter().zip(broken) {
+            let Some(done) = op.done() else { continue };
+            match broken {
+                None => done(result.as_ref().map(|_| ())),
+                Some((link, last)) => done(Err(&StoreError::Io(format!(
+                    "not written: {link:?} does not follow record {last}, the last one on \
+                     disk, because an earlier write of the bucket failed; it reloads from disk"
+                )))),
+            }
+        }
+        committed
+    }
+
     /// Fails `batch` and everything queued behind it while the store is unhealthy.
-    fn refuse(&self, mut batch: Vec<Op>, rx: &crossbeam_channel::Receiver<Op>) {
+    fn refuse(&mut self, mut batch: Vec<Op>, rx: &crossbeam_channel::Receiver<Op>) {
         while let Ok(op) = rx.try_recv() {
             batch.push(op);
         }
         let why = StoreError::Io(self.health.problem().unwrap_or_default());
+        let mut links = chain::Batch::default();
         for mut op in batch {
+            // Anchors a chain not seen before: what the op meant to follow is on disk.
+            let _ = self.chains.admit(&mut links, op.link());
             if let Some(done) = op.done() {
                 done(Err(&why));
             }
         }
+        self.chains.settle(links, false);
     }
 
-    fn try_recover(&self) -> bool {
+    fn try_recover(&mut self) -> bool {
         match self.store.reopen() {
             Ok(()) => {
                 tracing::info!("the database can be written again; durable buckets reload from it");
+                // What a failed commit wrote may have reached the disk after all: each
+                // chain goes on from what the buckets will reload.
+                for uid in self.chains.uids() {
+                    self.chains.resync(uid, self.store.last_lsn(uid).ok());
+                }
                 self.health.clear();
                 (self.recovered)();
                 true
@@ -433,7 +502,7 @@ impl Writer {
     }
 }
 
-fn commit(db: &redb::Database, batch: &[Op]) -> Result<(), StoreError> {
+fn commit(db: &redb::Database, batch: &[&Op]) -> Result<(), StoreError> {
     let tx = db.begin_write().map_err(io)?;
     {
         let mut log = tx.open_table(LOG).map_err(io)?;
@@ -536,6 +605,28 @@ impl Store {
             }
             Ok(last)
         })
+    }
+
+    /// The last record of bucket `uid` on disk: what a reload of the bucket starts from
+    /// (the snapshot's lsn when no record follows it, 0 when there is neither).
+    ///
+    /// # Errors
+    /// [`StoreError::Io`].
+    pub fn last_lsn(&self, uid: u64) -> Result<u64, StoreError> {
+        let after = self.snapshot(uid)?.map_or(0, |s| s.lsn);
+        let last = self.with(|db| {
+            let tx = db.begin_read().map_err(io)?;
+            let table = tx.open_table(LOG).map_err(io)?;
+            let last = table
+                .range((uid, 0)..=(uid, u64::MAX))
+                .map_err(io)?
+                .next_back();
+            match last {
+                Some(row) => Ok(row.map_err(io)?.0.value().1),
+                None => Ok(0),
+            }
+        })?;
+        Ok(after.max(last))
     }
 
     /// Removes the log records and snapshots of every uid not in `live` (left by a
@@ -703,6 +794,29 @@ mod tests {
         let live: HashSet<u64> = [].into_iter().collect();
         assert_eq!(store.forget_all_but(&live).expect("forget"), 1);
         assert!(records(&store, 8, 0).is_empty());
+    }
+
+    #[test]
+    fn an_op_that_does_not_continue_its_chain_is_refused() {
+        let (_dir, store) = store();
+        let log = DurableLog::start(store.clone(), Box::new(|| {})).expect("start");
+        let barrier = |uid, lsn| {
+            move |done| Op::Barrier {
+                uid,
+                lsn,
+                done: Some(done),
+            }
+        };
+        wait(&log, append(7, 1, Record::Dump)).expect("the first record starts the chain");
+        let gap = wait(&log, append(7, 3, Record::Dump)).expect_err("record 2 is missing");
+        assert!(gap.contains("does not follow record 1"), "{gap}");
+        wait(&log, barrier(7, 2)).expect_err("record 2 is not on disk");
+        wait(&log, barrier(7, 1)).expect("record 1 is");
+        wait(&log, append(7, 2, Record::Dump)).expect("record 2 continues");
+        wait(&log, barrier(9, 4)).expect("a bucket not seen yet");
+        assert_eq!(store.last_lsn(7).expect("last"), 2);
+        assert_eq!(records(&store, 7, 0).len(), 2);
+        log.shutdown();
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! After a failed write redb refuses everything until the database is opened again, so
 //! the [`Database`] sits behind a lock and [`Store::reopen`] replaces it.
 
+mod chain;
 pub mod log;
 
 use std::path::Path;

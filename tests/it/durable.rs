@@ -678,6 +678,20 @@ where
     }
 }
 
+/// Waits until `bucket` has reloaded from disk after the store recovered (INFO
+/// `durable.recovered` appears), so that the next request does not race the reload.
+async fn reloaded(client: &Client, bucket: &str) {
+    let what = format!("{bucket} reloaded from disk");
+    wait_until(Duration::from_secs(15), &what, || {
+        let client = client.clone();
+        async move {
+            let durable = client.info(Some(bucket)).await.expect("INFO")["durable"].clone();
+            (durable["recovered"].is_object(), durable)
+        }
+    })
+    .await;
+}
+
 // While the disk fails writes (ENOSPC), a durable bucket refuses SENDs with
 // STORAGE_ERROR and never acknowledges one, in-memory buckets keep working and server
 // INFO reports the store unhealthy; once the disk works again the store recovers, the
@@ -735,16 +749,8 @@ async fn a_failing_disk_refuses_durable_writes_and_recovers() {
         }
     })
     .await;
-    // The store reports healthy before the bucket has reloaded from disk; wait for the
-    // reload (INFO `durable.recovered` appears) so the next SEND does not race it.
-    wait_until(Duration::from_secs(15), "d reloaded from disk", || {
-        let client = client.clone();
-        async move {
-            let durable = client.info(Some("d")).await.expect("INFO d")["durable"].clone();
-            (durable["recovered"].is_object(), durable)
-        }
-    })
-    .await;
+    // The store reports healthy before the bucket has reloaded from disk.
+    reloaded(&client, "d").await;
     send_ok(&client, "d", &["c", "a"]).await;
     let expected = json!({"a": 2, "b": 1, "c": 1});
     assert_eq!(
@@ -771,5 +777,41 @@ async fn a_failing_disk_refuses_durable_writes_and_recovers() {
         json!({}),
         "the in-memory bucket comes back empty"
     );
+    server.stop().await;
+}
+
+// A TAKE whose record cannot be written is refused and makes no take: once the disk
+// works again, the bucket has reloaded the events and the next TAKE hands them out,
+// as take 1 of the same window. Pipelined TAKEs behind the failed one are refused too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_take_refused_by_a_failing_disk_loses_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config_in(dir.path());
+    let fail = Arc::new(AtomicBool::new(false));
+    let store = faulty_store(&config.database, fail.clone());
+    let server = TestServer::start_with_store(config, store).await;
+    let client = server.client().await;
+    client
+        .create_with("d", "unique", None, &json!({"durable": true}))
+        .await
+        .expect("create durable");
+    send_ok(&client, "d", &["/a x", "/a y", "/b x"]).await;
+
+    fail.store(true, Ordering::SeqCst);
+    let (first, second) = tokio::join!(client.take("d"), client.take("d"));
+    for refused in [first, second] {
+        match refused {
+            Err(e) => assert_eq!(e.code(), Some(ErrorCode::StorageError), "{e}"),
+            Ok(take) => panic!("a take answered on a failing disk: {take:?}"),
+        }
+    }
+
+    fail.store(false, Ordering::SeqCst);
+    reloaded(&client, "d").await;
+    let take = client.take("d").await.expect("take after recovery");
+    assert_eq!((take.id, take.events), (1, 3));
+    assert_eq!(take.output, json!({"/a": 2, "/b": 1}));
+    let created = client.info(Some("d")).await.expect("INFO d")["created_ms"].clone();
+    assert_eq!(json!(take.since_ms), created);
     server.stop().await;
 }
