@@ -30,6 +30,13 @@ const UPSERT_WINDOW: &str = "\
     WHERE bucketly_windows.take_id = EXCLUDED.take_id
       AND bucketly_windows.window_end = EXCLUDED.window_end";
 
+/// `url_clicks` keys rows by (url, window_start) alone, so two buckets flushing into one
+/// table must not share a window start: serialise the writers of one window start
+/// (`$1`, in ms), then look for another bucket's ledger row of it.
+const LOCK_WINDOW: &str = "SELECT pg_advisory_xact_lock($1)";
+const OTHER_BUCKET: &str = "\
+    SELECT bucket FROM bucketly_windows WHERE window_start = $1 AND bucket <> $2 LIMIT 1";
+
 /// Every URL of the window in one statement: `$1` URLs, `$2` window start, `$3` counts.
 const UPSERT_CLICKS: &str = "\
     INSERT INTO url_clicks (url, window_start, unique_visitors)
@@ -163,8 +170,8 @@ pub async fn flush_once<H: Hook>(
 
 /// Writes `take` in one transaction: its ledger row, then one `url_clicks` row per URL.
 /// Returns the number of `url_clicks` rows. Writing the same take again gives the same
-/// rows. A ledger row for the same window from a *different* take is refused rather
-/// than overwritten.
+/// rows. A ledger row for the same window from a *different* take, or from another
+/// bucket, is refused rather than overwritten.
 ///
 /// # Errors
 /// PostgreSQL's error (the transaction is rolled back), or [`FlushError::Take`] when
@@ -187,7 +194,16 @@ pub async fn write(
     );
     let (start, end) = (at(take.since_ms), at(take.taken_ms));
 
+    let lock = int("window start", take.since_ms)?;
     let tx = pg.transaction().await?;
+    tx.execute(LOCK_WINDOW, &[&lock]).await?;
+    if let Some(row) = tx.query_opt(OTHER_BUCKET, &[&start, &bucket]).await? {
+        let other: String = row.get(0);
+        return Err(bad(format!(
+            "window starting at {} ms is already stored for bucket {other:?}",
+            take.since_ms
+        )));
+    }
     let ledger = tx
         .execute(
             UPSERT_WINDOW,

@@ -63,9 +63,11 @@ impl Takes {
     }
 
     /// The next take's id and time: the time strictly increases per bucket, so two
-    /// windows never share a start, whatever the clock does.
+    /// windows never share a start, whatever the clock does. (Saturating: the counters
+    /// come from files, and a corrupt one must not overflow.)
     pub fn next(&self, now_ms: u64) -> (u64, u64) {
-        (self.last_id + 1, now_ms.max(self.last_ms + 1))
+        let last_ms = self.last_ms.saturating_add(1);
+        (self.last_id.saturating_add(1), now_ms.max(last_ms))
     }
 
     /// The answer of a take `id` at `taken_ms` of the handler's `output` (JSON).

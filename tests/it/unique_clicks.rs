@@ -371,9 +371,9 @@ async fn durable_take_survives_kill_9_between_commit_and_release() {
     check_final(&db, &client, &windows).await;
 }
 
-/// A take is identified by its id and window; if another take ever claims a stored
-/// window (say, a bucket whose take history restarted), the write is refused and the
-/// stored rows stay as they were.
+/// A take is identified by its bucket, id and window; if another take ever claims a
+/// stored window (say, a bucket whose take history restarted, or another bucket), the
+/// write is refused and the stored rows stay as they were.
 #[tokio::test]
 async fn another_take_never_overwrites_a_window() {
     let Some(pg) = PgServer::start_or_skip().await else {
@@ -412,4 +412,12 @@ async fn another_take_never_overwrites_a_window() {
     );
     assert_eq!(url_clicks(&db).await, rows(2));
     assert_eq!(ledger(&db).await, [(1_000, 2_000, 1, 3, 2)]);
+
+    // Another bucket's window with the same start would share the url_clicks rows.
+    let refused = flusher::write(&mut db, "other", &other).await;
+    assert!(
+        matches!(&refused, Err(FlushError::Take { detail, .. }) if detail.contains("\"clicks\"")),
+        "{refused:?}"
+    );
+    assert_eq!(url_clicks(&db).await, rows(2));
 }
