@@ -22,7 +22,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use parking_lot::RwLock;
 use tokio::sync::{mpsc, oneshot};
 
@@ -32,7 +32,7 @@ use crate::script::{Emit, FlushInfo, HandlerInstance, HandlerSource, ScriptError
 use crate::store::log::{Completion, DurableLog, Outcome, Record, SEND_TAG};
 use crate::store::{Store, StoreError};
 
-use super::bucket::{BucketMsg, BucketShared, Reply};
+use super::bucket::{BucketMsg, BucketShared, EncodedAnswers, Reply};
 use super::durable::{Durable, Recovery};
 use super::exec::{ExecSink, Run};
 use super::options::BucketOptions;
@@ -156,11 +156,27 @@ struct GroupRecord {
     frames: Vec<(usize, u32)>,
 }
 
+/// The answer to one SEND: its outcome (encoded straight into the group's frames, no
+/// response built), or a refusal.
+enum Answer {
+    Sent(u32, SendOutcome),
+    Other(Response),
+}
+
+impl Answer {
+    fn into_response(self) -> Response {
+        match self {
+            Answer::Sent(id, outcome) => Response::ok(id, outcome.encode()),
+            Answer::Other(response) => response,
+        }
+    }
+}
+
 struct GroupState {
-    responses: Vec<Option<Response>>,
+    responses: Vec<Option<Answer>>,
     /// Commits still awaited, plus one while the actor is still applying the group.
     outstanding: usize,
-    reply: Option<oneshot::Sender<Vec<Response>>>,
+    reply: Option<oneshot::Sender<EncodedAnswers>>,
 }
 
 impl GroupState {
@@ -169,14 +185,24 @@ impl GroupState {
         if self.outstanding == 0 {
             if let Some(reply) = self.reply.take() {
                 let answers = std::mem::take(&mut self.responses);
-                let _ = reply.send(answers.into_iter().flatten().collect());
+                let mut frames = BytesMut::with_capacity(answers.len() * 19);
+                let mut count = 0;
+                for answer in answers.into_iter().flatten() {
+                    match answer {
+                        Answer::Sent(id, outcome) => outcome.encode_answer(id, &mut frames),
+                        Answer::Other(response) => response.encode(&mut frames),
+                    }
+                    count += 1;
+                }
+                let frames = frames.freeze();
+                let _ = reply.send(EncodedAnswers { count, frames });
             }
         }
     }
 }
 
 impl GroupReply {
-    fn new(n: usize, reply: oneshot::Sender<Vec<Response>>) -> GroupReply {
+    fn new(n: usize, reply: oneshot::Sender<EncodedAnswers>) -> GroupReply {
         GroupReply(Arc::new(parking_lot::Mutex::new(GroupState {
             responses: (0..n).map(|_| None).collect(),
             outstanding: 1,
@@ -185,7 +211,7 @@ impl GroupReply {
     }
 
     /// Sets frame `index`'s answer, unless its commit already failed.
-    fn set(&self, index: usize, response: Response) {
+    fn set(&self, index: usize, response: Answer) {
         let mut state = self.0.lock();
         if let Some(slot @ None) = state.responses.get_mut(index) {
             *slot = Some(response);
@@ -201,7 +227,7 @@ impl GroupReply {
             if let Err(e) = outcome {
                 for (index, id) in frames {
                     if let Some(slot) = state.responses.get_mut(index) {
-                        *slot = Some(not_written(id, e));
+                        *slot = Some(Answer::Other(not_written(id, e)));
                     }
                 }
             }
@@ -310,9 +336,9 @@ impl Actor {
     pub fn handle(&mut self, msg: BucketMsg, env: &ActorEnv) -> bool {
         let (reply, response) = match msg {
             BucketMsg::Send { id, batch, reply } => match self.send(id, &batch, env) {
-                (response, None) => (reply, response),
-                (response, Some(record)) => {
-                    let done = answer_after_commit(id, reply, response);
+                (answer, None) => (reply, answer.into_response()),
+                (answer, Some(record)) => {
+                    let done = answer_after_commit(id, reply, answer.into_response());
                     self.append(env, record, Some(done));
                     return true;
                 }
@@ -403,13 +429,14 @@ impl Actor {
 
     /// Applies one SEND frame: its answer, and for a durable bucket the record to log
     /// before the answer may go out.
-    fn send(&mut self, id: u32, batch: &SendBatch, env: &ActorEnv) -> (Response, Option<Vec<u8>>) {
+    fn send(&mut self, id: u32, batch: &SendBatch, env: &ActorEnv) -> (Answer, Option<Vec<u8>>) {
         self.shared.stats.sends.fetch_add(1, Ordering::Relaxed);
         if let Some(why) = self.unavailable(env) {
-            return (Response::error(id, ErrorCode::StorageError, &why), None);
+            let refused = Response::error(id, ErrorCode::StorageError, &why);
+            return (Answer::Other(refused), None);
         }
         let (outcome, tail) = self.apply(batch, 0, env);
-        (Response::ok(id, outcome.encode()), tail)
+        (Answer::Sent(id, outcome), tail)
     }
 
     fn forwarded(&mut self, batch: &SendBatch, hops: u8, env: &ActorEnv) {

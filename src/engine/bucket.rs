@@ -19,6 +19,16 @@ use super::worker::WorkerMsg;
 /// Where the actor sends its answer to one request.
 pub type Reply = oneshot::Sender<Response>;
 
+/// The answers to a [`BucketMsg::SendMany`], already encoded: `count` response frames,
+/// in request order, for the connection's writer to copy out as they are.
+#[derive(Debug)]
+pub struct EncodedAnswers {
+    /// Frames in `frames`.
+    pub count: usize,
+    /// The response frames, each with its length prefix.
+    pub frames: Bytes,
+}
+
 /// A message in a bucket's mailbox. One SEND frame is one message, whatever its size.
 pub enum BucketMsg {
     /// Apply a batch of events.
@@ -36,7 +46,7 @@ pub enum BucketMsg {
         /// Request ids and events, in request order.
         items: Vec<(u32, SendBatch)>,
         /// Where the answers go, in the same order.
-        reply: oneshot::Sender<Vec<Response>>,
+        reply: oneshot::Sender<EncodedAnswers>,
     },
     /// Read the aggregate.
     View {

@@ -28,7 +28,8 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use actor::{EXEC_MAX_PENDING_BYTES, EXEC_MAX_PENDING_EVENTS};
 pub use bucket::{
-    validate_bucket_name, BucketHandle, BucketMsg, BucketShared, Reply, MAX_BUCKET_NAME,
+    validate_bucket_name, BucketHandle, BucketMsg, BucketShared, EncodedAnswers, Reply,
+    MAX_BUCKET_NAME,
 };
 pub use durable::{SNAPSHOT_EVERY_BYTES, SNAPSHOT_EVERY_RECORDS};
 pub use exec::{ExecStats, MAX_KEPT_RUNS, QUEUE_RUNS};

@@ -177,14 +177,28 @@ impl SendOutcome {
     /// The payload bytes.
     pub fn encode(&self) -> Bytes {
         let mut b = BytesMut::with_capacity(10 + self.reasons.len() * 64);
+        self.put(&mut b);
+        b.freeze()
+    }
+
+    /// Appends the whole OK response frame to request `id` carrying this outcome: the
+    /// bytes of `Response::ok(id, self.encode())`, without building it.
+    pub fn encode_answer(&self, id: u32, out: &mut BytesMut) {
+        write_frame(out, |b| {
+            b.put_u8(Status::Ok as u8);
+            b.put_u32(id);
+            self.put(b);
+        });
+    }
+
+    fn put(&self, b: &mut BytesMut) {
         b.put_u32(self.accepted);
         b.put_u32(self.rejected);
         b.put_u16(self.reasons.len() as u16);
         for (index, reason) in &self.reasons {
             b.put_u32(*index);
-            put_str16(&mut b, reason);
+            put_str16(b, reason);
         }
-        b.freeze()
     }
 
     /// Reads the payload bytes.
@@ -211,6 +225,24 @@ impl SendOutcome {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_outcome_encodes_as_its_ok_response() {
+        use super::*;
+        let mut outcome = SendOutcome {
+            accepted: 3,
+            ..SendOutcome::default()
+        };
+        for o in [outcome.clone(), {
+            outcome.reject(1, || "bad".into());
+            outcome
+        }] {
+            let (mut direct, mut via) = (BytesMut::new(), BytesMut::new());
+            o.encode_answer(7, &mut direct);
+            Response::ok(7, o.encode()).encode(&mut via);
+            assert_eq!(direct, via);
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -32,8 +32,8 @@ use super::dispatch::{ConnState, Pending, Services};
 use crate::auth::Permission;
 use crate::auth::Session;
 use crate::config::{Config, HANDSHAKE_TIMEOUT_SECS};
-use crate::engine::BucketMsg;
 use crate::engine::{push_channel, Push, PushKind, PushStream, PUSH_QUEUE};
+use crate::engine::{BucketMsg, EncodedAnswers};
 use crate::protocol::frame::check_frame;
 use crate::protocol::handshake::{not_a_hello_message, FLAG_LOGIN_REQUIRED, MAX_HELLO_LEN};
 use crate::protocol::{
@@ -569,7 +569,7 @@ async fn flush<W: AsyncWrite + Unpin>(wr: &mut W, out: &mut BytesMut) -> bool {
 enum Wake {
     Slot(Option<Slot>),
     /// The awaited answers (none if their sender was dropped).
-    Answer(Option<Vec<Response>>),
+    Answer(Option<Answers>),
     Push(Option<Push>),
     Lagged,
 }
@@ -577,7 +577,14 @@ enum Wake {
 /// Where the awaited answers come from: one request, or a group of SENDs.
 enum AwaitRx {
     One(oneshot::Receiver<Response>),
-    Many(oneshot::Receiver<Vec<Response>>),
+    Many(oneshot::Receiver<EncodedAnswers>),
+}
+
+/// Awaited answers as they arrive.
+enum Answers {
+    One(Response),
+    /// A SEND group's answers, encoded by the bucket: neither FATAL nor SUBSCRIBE.
+    Encoded(EncodedAnswers),
 }
 
 /// A slot whose answer is not ready yet.
@@ -593,8 +600,8 @@ impl Awaited {
     fn try_take(&mut self) -> Option<Wake> {
         use oneshot::error::TryRecvError;
         let got = match &mut self.rx {
-            AwaitRx::One(rx) => rx.try_recv().map(|r| vec![r]),
-            AwaitRx::Many(rx) => rx.try_recv(),
+            AwaitRx::One(rx) => rx.try_recv().map(Answers::One),
+            AwaitRx::Many(rx) => rx.try_recv().map(Answers::Encoded),
         };
         match got {
             Ok(r) => Some(Wake::Answer(Some(r))),
@@ -605,8 +612,8 @@ impl Awaited {
 
     async fn wait(&mut self) -> Wake {
         Wake::Answer(match &mut self.rx {
-            AwaitRx::One(rx) => rx.await.ok().map(|r| vec![r]),
-            AwaitRx::Many(rx) => rx.await.ok(),
+            AwaitRx::One(rx) => rx.await.ok().map(Answers::One),
+            AwaitRx::Many(rx) => rx.await.ok().map(Answers::Encoded),
         })
     }
 }
@@ -801,7 +808,11 @@ async fn write_loop<S: Stream>(
             Wake::Answer(r) => {
                 let Some(a) = awaited.take() else { continue };
                 let answers = match r {
-                    Some(answers) if answers.len() == a.ids.len() => answers,
+                    Some(Answers::Encoded(e)) if e.count == a.ids.len() => {
+                        w.out.extend_from_slice(&e.frames);
+                        continue;
+                    }
+                    Some(Answers::One(r)) if a.ids.len() == 1 => vec![r],
                     _ => a.ids.iter().map(|&id| dropped(id)).collect(),
                 };
                 drop(a._budget);

@@ -49,7 +49,7 @@ pub(crate) enum Pending {
     /// The answers to consecutive SEND frames posted as one message, in order.
     WaitingMany {
         ids: Vec<u32>,
-        rx: oneshot::Receiver<Vec<Response>>,
+        rx: oneshot::Receiver<crate::engine::EncodedAnswers>,
     },
     /// Several answers known at once, in order.
     ReadyMany(Vec<Response>),
