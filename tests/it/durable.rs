@@ -782,7 +782,7 @@ async fn a_failing_disk_refuses_durable_writes_and_recovers() {
 
 // A TAKE whose record cannot be written is refused and makes no take: once the disk
 // works again, the bucket has reloaded the events and the next TAKE hands them out,
-// as take 1 of the same window. Pipelined TAKEs behind the failed one are refused too.
+// as take 1 of the same window. A TAKE made meanwhile on another connection is refused too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_take_refused_by_a_failing_disk_loses_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -797,8 +797,12 @@ async fn a_take_refused_by_a_failing_disk_loses_nothing() {
         .expect("create durable");
     send_ok(&client, "d", &["/a x", "/a y", "/b x"]).await;
 
+    // The second TAKE comes on another connection: if it reaches the bucket while the
+    // first one's record is being written, it is a re-delivery that must wait for that
+    // record (a barrier), and fail with it.
+    let other = server.client().await;
     fail.store(true, Ordering::SeqCst);
-    let (first, second) = tokio::join!(client.take("d"), client.take("d"));
+    let (first, second) = tokio::join!(client.take("d"), other.take("d"));
     for refused in [first, second] {
         match refused {
             Err(e) => assert_eq!(e.code(), Some(ErrorCode::StorageError), "{e}"),

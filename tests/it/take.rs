@@ -114,8 +114,8 @@ async fn take_and_release_need_the_dump_permission() {
     server.stop().await;
 }
 
-/// Two TAKEs pipelined on a durable bucket: both get the same take, and both only once
-/// its record is on disk.
+/// Two TAKEs pipelined on a durable bucket: both get the same take, the second one
+/// re-delivered from memory (after a barrier on the log).
 async fn pipelined_takes(client: &Client, bucket: &str) -> Take {
     let take = || Command::Take {
         bucket: bucket.into(),
