@@ -98,13 +98,13 @@ impl Chains {
         self.last.keys().copied().collect()
     }
 
-    /// Sets a chain's end to what is on disk (after the database was opened again), or
-    /// forgets it when that cannot be read (`None`).
+    /// Sets a chain's end to what is on disk (after the database was opened again). When
+    /// that cannot be read (`None`) the end stays: forgetting it would let the next op,
+    /// stale or not, start a new chain.
     pub fn resync(&mut self, uid: u64, on_disk: Option<u64>) {
-        match on_disk {
-            Some(lsn) => self.last.insert(uid, lsn),
-            None => self.last.remove(&uid),
-        };
+        if let Some(lsn) = on_disk {
+            self.last.insert(uid, lsn);
+        }
     }
 }
 
@@ -181,5 +181,17 @@ mod tests {
         assert!(chains.uids().is_empty());
         chains.resync(8, None);
         assert!(chains.uids().is_empty());
+    }
+
+    #[test]
+    fn an_unreadable_disk_keeps_the_chain() {
+        let mut chains = Chains::default();
+        let (b, _) = batch(&chains, &[append(1), append(2)]);
+        chains.settle(b, true);
+        let (b, _) = batch(&chains, &[append(3)]);
+        chains.settle(b, false);
+        chains.resync(7, None);
+        let (_, v) = batch(&chains, &[append(5)]);
+        assert_eq!(v, [Err(2)], "a stale op stays refused");
     }
 }
