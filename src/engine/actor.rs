@@ -763,6 +763,31 @@ impl Actor {
 
     /// The flush records of this durable bucket up to `lsn` have committed (or failed):
     /// their outputs go out (or are dropped).
+    /// The database can be written again after a failure. A bucket with a write that
+    /// failed reloads from disk, dropping what it applied but never had acknowledged; the
+    /// outputs of its flushes whose records did commit are delivered first. A bucket
+    /// whose every write committed is in step with the disk and keeps its state, and
+    /// the outputs that wait for their commit messages.
+    ///
+    /// # Errors
+    /// Why the state could not be rebuilt.
+    pub fn reload_after_outage(&mut self, env: &ActorEnv) -> Result<(), String> {
+        let Some(d) = &self.durable else {
+            return Ok(());
+        };
+        if !d.drain() {
+            return Err("records of the bucket are still being written".into());
+        }
+        if !d.is_diverged() {
+            return Ok(());
+        }
+        // The records on disk form an unbroken chain (`store::chain`), so every record
+        // up to its end committed.
+        let on_disk = env.store.last_lsn(d.uid).map_err(|e| e.to_string())?;
+        self.committed(on_disk, true, env);
+        self.recover(env, true)
+    }
+
     pub fn committed(&mut self, lsn: u64, ok: bool, env: &ActorEnv) {
         while self.awaiting.front().is_some_and(|(l, _)| *l <= lsn) {
             let Some((_, delivery)) = self.awaiting.pop_front() else {

@@ -114,7 +114,7 @@ impl Engine {
         let log = Arc::new(DurableLog::start(
             store.clone(),
             Box::new(move || {
-                // Every durable bucket reloads from disk, dropping what did not commit.
+                // Every durable bucket with a failed write reloads from disk.
                 for h in reload.read().buckets.values() {
                     if h.options.durable {
                         let _ = h.worker.send(WorkerMsg::Recover(h.id));

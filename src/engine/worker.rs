@@ -178,7 +178,7 @@ impl Worker {
                 }
                 Some(WorkerMsg::Recover(id)) => {
                     if let Some(slot) = self.actors.get_mut(&id) {
-                        if let Err(e) = slot.actor.recover(&self.env, true) {
+                        if let Err(e) = slot.actor.reload_after_outage(&self.env) {
                             tracing::error!(bucket = %slot.actor.name,
                                 "cannot reload the durable bucket from disk; it keeps refusing writes: {e}");
                         }

@@ -712,8 +712,13 @@ async fn a_failing_disk_refuses_durable_writes_and_recovers() {
         .create("m", "counter", None)
         .await
         .expect("create in-memory");
+    client
+        .create_with("quiet", "counter", None, &json!({"durable": true}))
+        .await
+        .expect("create a durable bucket that writes nothing during the outage");
     send_ok(&client, "d", &["a", "b"]).await;
     send_ok(&client, "m", &["m1"]).await;
+    send_ok(&client, "quiet", &["q"]).await;
     let storage = client.info(None).await.expect("INFO")["storage"].clone();
     assert_eq!(storage["healthy"], json!(true), "{storage}");
 
@@ -752,6 +757,17 @@ async fn a_failing_disk_refuses_durable_writes_and_recovers() {
     // The store reports healthy before the bucket has reloaded from disk.
     reloaded(&client, "d").await;
     send_ok(&client, "d", &["c", "a"]).await;
+    // A durable bucket none of whose writes failed is in step with the disk: it keeps
+    // its state without a reload (its recovery message came before this SEND's).
+    send_ok(&client, "quiet", &["q"]).await;
+    assert_eq!(
+        client.view("quiet", None).await.expect("VIEW quiet"),
+        json!({"q": 2})
+    );
+    assert_eq!(
+        durable_info(&client, "quiet").await["recovered"],
+        Value::Null
+    );
     let expected = json!({"a": 2, "b": 1, "c": 1});
     assert_eq!(
         client.view("d", None).await.expect("VIEW d"),
