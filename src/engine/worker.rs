@@ -34,7 +34,9 @@ const RUN_BUDGET: usize = 64;
 
 /// What a handler thread is asked to do. Its queue is unbounded in type but bounded in
 /// fact: at most one `Run` per bucket (guarded by `scheduled`) and one `Create` per
-/// bucket being created, and buckets are limited in number.
+/// bucket being created, and buckets are limited in number. `Recover` comes once per
+/// durable bucket each time the log asks for reloads: after an outage, or after a commit
+/// that refused ops of a diverged bucket (rare, and one per commit at most).
 pub(crate) enum WorkerMsg {
     /// Drain this bucket's mailbox.
     Run(u64),

@@ -254,6 +254,8 @@ pub struct Health {
     pub ops: AtomicU64,
     /// Commits that failed.
     pub failures: AtomicU64,
+    /// Ops refused because they did not follow their bucket's records on disk.
+    pub out_of_order: AtomicU64,
 }
 
 impl Health {
@@ -284,6 +286,7 @@ impl Health {
             "commits": self.commits.load(Ordering::Relaxed),
             "ops": self.ops.load(Ordering::Relaxed),
             "failed_commits": self.failures.load(Ordering::Relaxed),
+            "out_of_order": self.out_of_order.load(Ordering::Relaxed),
         })
     }
 }
@@ -424,6 +427,11 @@ impl Writer {
             .zip(&broken)
             .filter_map(|(op, b)| b.is_none().then_some(op))
             .collect();
+        let admitted_writes = admitted
+            .iter()
+            .filter(|op| !matches!(op, Op::Barrier { .. }))
+            .count();
+        let refused = broken.iter().filter(|b| b.is_some()).count();
         // Barriers alone need no transaction: everything before them has completed.
         let result = if writes {
             self.store.with(|db| commit(db, &admitted))
@@ -437,8 +445,8 @@ impl Writer {
                 self.health
                     .commits
                     .fetch_add(u64::from(writes), Ordering::Relaxed);
-                let n = broken.iter().filter(|b| b.is_none()).count();
-                self.health.ops.fetch_add(n as u64, Ordering::Relaxed);
+                let n = admitted_writes as u64;
+                self.health.ops.fetch_add(n, Ordering::Relaxed);
             }
             Err(e) => {
                 tracing::error!(
@@ -450,6 +458,11 @@ impl Writer {
             }
         }
         self.chains.settle(links, committed);
+        if refused > 0 {
+            self.health
+                .out_of_order
+                .fetch_add(refused as u64, Ordering::Relaxed);
+        }
         for (mut op, broken) in ops.into_iter().zip(broken) {
             let Some(done) = op.done() else { continue };
             match broken {
@@ -459,6 +472,12 @@ impl Writer {
                      disk, because an earlier write of the bucket failed; it reloads from disk"
                 )))),
             }
+        }
+        if refused > 0 && committed {
+            // Their buckets are diverged now: have them reload, as after an outage
+            // (normally they already are: stale ops queued just before a reopen).
+            tracing::warn!("{refused} durable op(s) did not follow their bucket's records on disk");
+            (self.recovered)();
         }
         committed
     }
@@ -799,7 +818,12 @@ mod tests {
     #[test]
     fn an_op_that_does_not_continue_its_chain_is_refused() {
         let (_dir, store) = store();
-        let log = DurableLog::start(store.clone(), Box::new(|| {})).expect("start");
+        let reloads = Arc::new(AtomicU64::new(0));
+        let asked = reloads.clone();
+        let reload = Box::new(move || {
+            asked.fetch_add(1, Ordering::Relaxed);
+        });
+        let log = DurableLog::start(store.clone(), reload).expect("start");
         let barrier = |uid, lsn| {
             move |done| Op::Barrier {
                 uid,
@@ -816,6 +840,12 @@ mod tests {
         wait(&log, barrier(9, 4)).expect("a bucket not seen yet");
         assert_eq!(store.last_lsn(7).expect("last"), 2);
         assert_eq!(records(&store, 7, 0).len(), 2);
+        assert_eq!(log.health.out_of_order.load(Ordering::Relaxed), 2);
+        assert_eq!(
+            reloads.load(Ordering::Relaxed),
+            2,
+            "diverged buckets reload"
+        );
         log.shutdown();
     }
 
