@@ -408,11 +408,10 @@ impl Writer {
     fn commit_batch(&mut self, batch: Vec<Op>) -> bool {
         let mut links = chain::Batch::default();
         let mut broken = Vec::with_capacity(batch.len());
-        let (mut ops, mut writes) = (Vec::with_capacity(batch.len()), false);
+        let mut ops = Vec::with_capacity(batch.len());
         for op in batch {
             match self.chains.admit(&mut links, op.link()) {
                 Ok(()) => {
-                    writes |= !matches!(op, Op::Barrier { .. });
                     ops.push(op);
                     broken.push(None);
                 }
@@ -433,6 +432,7 @@ impl Writer {
             .count();
         let refused = broken.iter().filter(|b| b.is_some()).count();
         // Barriers alone need no transaction: everything before them has completed.
+        let writes = admitted_writes > 0;
         let result = if writes {
             self.store.with(|db| commit(db, &admitted))
         } else {
