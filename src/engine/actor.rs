@@ -35,7 +35,7 @@ use crate::store::{Store, StoreError};
 use super::bucket::{BucketMsg, BucketShared, EncodedAnswers, Reply};
 use super::durable::{Durable, Recovery};
 use super::exec::{ExecSink, Run};
-use super::options::BucketOptions;
+use super::options::{BucketOptions, Schedule};
 use super::outbox::{Outbox, Sender};
 use super::subscribers::Subscribers;
 use super::take::{Release, Takes};
@@ -272,8 +272,25 @@ impl Actor {
             first_window_ms: init.first_window_ms,
             takes: Takes::new(init.first_window_ms),
         };
+        actor.shared.lane.attach(actor.instance.shared_native());
         actor.configure(init.options, env, now);
         actor
+    }
+
+    /// Counts the events connections applied through the lane ([`super::lane`]) as if
+    /// they had come through the mailbox, and opens or closes the lane for what follows:
+    /// it is open for a native handler of an in-memory bucket without an exec sink or a
+    /// threshold schedule. Called at the start of every message and tick.
+    fn sync_lane(&mut self) {
+        let open = self.durable.is_none()
+            && self.exec.is_none()
+            && !matches!(self.options.schedule(), Schedule::Threshold { .. });
+        let events = self.instance.take_inline_events(open);
+        if events > 0 {
+            self.trigger.add_pending(events, Instant::now());
+            self.takes.events += events;
+            self.ordinal += events;
+        }
     }
 
     fn configure(&mut self, options: BucketOptions, env: &ActorEnv, now: Instant) {
@@ -297,6 +314,7 @@ impl Actor {
             }
         }
         self.options = options;
+        self.sync_lane();
     }
 
     fn sender(&self) -> Sender<'_> {
@@ -317,6 +335,7 @@ impl Actor {
 
     /// Runs what is due by time: a scheduled flush, a delivery retry.
     pub fn tick(&mut self, env: &ActorEnv, now: Instant) {
+        self.sync_lane();
         if self.trigger.due(now) {
             self.flush(env, now);
         }
@@ -334,6 +353,7 @@ impl Actor {
 
     /// Handles one mailbox message; false once the bucket is dropped.
     pub fn handle(&mut self, msg: BucketMsg, env: &ActorEnv) -> bool {
+        self.sync_lane();
         let (reply, response) = match msg {
             BucketMsg::Send { id, batch, reply } => match self.send(id, &batch, env) {
                 (answer, None) => (reply, answer.into_response()),
@@ -414,6 +434,8 @@ impl Actor {
                 return true;
             }
             BucketMsg::Stop => {
+                self.instance.take_inline_events(false);
+                self.shared.lane.attach(None);
                 let msg = format!("bucket {:?} was dropped", self.name);
                 self.subscribers.end_all(ErrorCode::NoSuchBucket, &msg);
                 if let Some(d) = &self.durable {
@@ -859,6 +881,7 @@ impl Actor {
         if fresh {
             self.instance = HandlerInstance::new(&self.handler, &self.config, &self.limits)
                 .map_err(|e| e.to_string())?;
+            self.shared.lane.attach(self.instance.shared_native());
             self.retained.clear();
             self.retained_bytes = 0;
             self.awaiting.clear();

@@ -12,6 +12,7 @@ use crate::protocol::{Response, SendBatch};
 use crate::store::BucketSpec;
 
 use super::exec::ExecStats;
+use super::lane::Lane;
 use super::options::BucketOptions;
 use super::subscribers::Subscriber;
 use super::worker::WorkerMsg;
@@ -167,6 +168,8 @@ pub struct BucketShared {
     pub stats: BucketStats,
     /// Counters of the exec sink.
     pub exec: Arc<ExecStats>,
+    /// SENDs applied by connections while the actor is idle ([`super::lane`]).
+    pub(crate) lane: Lane,
 }
 
 /// A cloneable reference to one bucket.
@@ -193,10 +196,13 @@ impl BucketHandle {
     /// # Errors
     /// [`Error::NoSuchBucket`] if the bucket was dropped meanwhile.
     pub async fn post(&self, msg: BucketMsg) -> Result<(), Error> {
+        let queued = self.shared.lane.queue();
         self.tx
             .send(msg)
             .await
             .map_err(|_| Error::NoSuchBucket(self.name.clone()))?;
+        // The actor counts it as handled.
+        std::mem::forget(queued);
         self.wake();
         Ok(())
     }
@@ -204,8 +210,10 @@ impl BucketHandle {
     /// Queues `msg` without waiting; gives it back if the mailbox is full or the bucket
     /// gone (`None` then).
     pub(crate) fn try_post(&self, msg: BucketMsg) -> Result<(), Option<BucketMsg>> {
+        let queued = self.shared.lane.queue();
         match self.tx.try_send(msg) {
             Ok(()) => {
+                std::mem::forget(queued);
                 self.wake();
                 Ok(())
             }

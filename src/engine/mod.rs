@@ -8,6 +8,7 @@ mod actor;
 mod bucket;
 mod durable;
 mod exec;
+mod lane;
 mod options;
 mod outbox;
 mod stats;

@@ -59,6 +59,21 @@ impl Trigger {
         }
     }
 
+    /// Records `n` accepted events at once, as `n` calls of [`Trigger::event`] would,
+    /// for a schedule that events never flush (`Every`, `Manual`); a threshold schedule
+    /// only starts its timeout.
+    pub fn add_pending(&mut self, n: u64, now: Instant) {
+        if n == 0 {
+            return;
+        }
+        if self.pending == 0 {
+            if let Schedule::Threshold { timeout, .. } = self.schedule {
+                self.deadline = Some(now + timeout);
+            }
+        }
+        self.pending = self.pending.saturating_add(n);
+    }
+
     /// After a recovery: `pending` events are waiting, the first of them from `now`
     /// as far as a threshold timeout is concerned.
     pub fn set_pending(&mut self, pending: u64, now: Instant) {
@@ -138,6 +153,25 @@ mod tests {
         t.flushed(t0 + 5 * S + S / 2); // very late: 3, 4, 5 are skipped
         assert_eq!(t.deadline(), Some(t0 + 6 * S));
         assert_eq!(t.pending(), 0);
+    }
+
+    #[test]
+    fn add_pending_is_n_events_at_once() {
+        let t0 = Instant::now();
+        let mut every = Trigger::new(Schedule::Every(S), t0);
+        every.add_pending(0, t0);
+        every.add_pending(5, t0);
+        every.add_pending(2, t0 + S / 2);
+        assert_eq!((every.pending(), every.deadline()), (7, Some(t0 + S)));
+        let threshold = Schedule::Threshold {
+            count: 100,
+            timeout: S,
+        };
+        let mut t = Trigger::new(threshold, t0);
+        t.add_pending(3, t0 + S / 4);
+        t.add_pending(3, t0 + S / 2);
+        assert_eq!(t.deadline(), Some(t0 + S + S / 4), "timeout from the first");
+        assert_eq!(t.pending(), 6);
     }
 
     #[test]

@@ -212,6 +212,8 @@ impl Worker {
                 continue;
             }
             slot.armed = None;
+            let shared = slot.actor.shared.clone();
+            let _queued = shared.lane.queue();
             slot.actor.tick(&self.env, now);
             self.arm(id);
         }
@@ -296,6 +298,7 @@ impl Worker {
                         self.actors.remove(&id);
                         return;
                     }
+                    actor.shared.lane.handled();
                 }
                 Err(_) => break,
             }

@@ -2,6 +2,11 @@
 //! the handler's module, or, for the stock `counter` and `unique` handlers, a native Rust
 //! implementation with the same semantics ([`super::native`]). A handler file that
 //! overrides a stock name with different text runs in Lua.
+//!
+//! A native state sits behind a lock ([`SharedNative`]) so that a connection may apply
+//! SENDs to it directly while the bucket's actor is idle (`engine::lane`).
+
+use std::sync::Arc;
 
 use super::context::FlushInfo;
 use super::instance::{Flushed, LuaInstance};
@@ -18,7 +23,39 @@ pub struct HandlerInstance(Inner);
 
 enum Inner {
     Lua(Box<LuaInstance>),
-    Native(Native),
+    Native(Arc<SharedNative>),
+}
+
+/// A native handler state that threads other than the bucket's may apply events to,
+/// under its lock.
+pub(crate) struct SharedNative {
+    state: parking_lot::Mutex<NativeState>,
+}
+
+/// What [`SharedNative`]'s lock guards.
+pub(crate) struct NativeState {
+    pub native: Native,
+    /// Whether connections may apply SENDs here now; set by the actor.
+    pub open: bool,
+    /// Events accepted by connections since the actor last counted them.
+    pub inline_events: u64,
+}
+
+impl SharedNative {
+    /// The state, locked, waiting at most `wait` for another thread to release it.
+    pub fn try_lock_for(
+        &self,
+        wait: std::time::Duration,
+    ) -> Option<parking_lot::MutexGuard<'_, NativeState>> {
+        self.state
+            .try_lock()
+            .or_else(|| self.state.try_lock_for(wait))
+    }
+
+    /// The state, locked, waiting for it.
+    fn lock(&self) -> parking_lot::MutexGuard<'_, NativeState> {
+        self.state.lock()
+    }
 }
 
 impl HandlerInstance {
@@ -34,7 +71,13 @@ impl HandlerInstance {
         limits: &ScriptLimits,
     ) -> Result<Self, ScriptError> {
         match Native::for_handler(handler, config, limits) {
-            Some(native) => Ok(HandlerInstance(Inner::Native(native?))),
+            Some(native) => Ok(HandlerInstance(Inner::Native(Arc::new(SharedNative {
+                state: parking_lot::Mutex::new(NativeState {
+                    native: native?,
+                    open: false,
+                    inline_events: 0,
+                }),
+            })))),
             None => Self::new_lua(handler, config, limits),
         }
     }
@@ -58,6 +101,27 @@ impl HandlerInstance {
         matches!(self.0, Inner::Native(_))
     }
 
+    /// The native state, for connections to apply SENDs to (`engine::lane`).
+    pub(crate) fn shared_native(&self) -> Option<Arc<SharedNative>> {
+        match &self.0 {
+            Inner::Lua(_) => None,
+            Inner::Native(h) => Some(h.clone()),
+        }
+    }
+
+    /// Events connections applied since the last call (0 for Lua), and whether they may
+    /// apply more from now on.
+    pub(crate) fn take_inline_events(&self, open: bool) -> u64 {
+        match &self.0 {
+            Inner::Lua(_) => 0,
+            Inner::Native(h) => {
+                let mut state = h.lock();
+                state.open = open;
+                std::mem::take(&mut state.inline_events)
+            }
+        }
+    }
+
     /// Applies one event.
     ///
     /// # Errors
@@ -66,7 +130,7 @@ impl HandlerInstance {
     pub fn send(&mut self, event: &[u8]) -> Result<(), String> {
         match &mut self.0 {
             Inner::Lua(h) => h.send(event),
-            Inner::Native(h) => h.send(event),
+            Inner::Native(h) => h.lock().native.send(event),
         }
     }
 
@@ -78,7 +142,7 @@ impl HandlerInstance {
     pub fn view(&mut self, arg: Option<&[u8]>) -> Result<Vec<u8>, ScriptError> {
         match &mut self.0 {
             Inner::Lua(h) => h.view(arg),
-            Inner::Native(h) => Ok(h.view(arg)),
+            Inner::Native(h) => Ok(h.lock().native.view(arg)),
         }
     }
 
@@ -89,7 +153,7 @@ impl HandlerInstance {
     pub fn dump(&mut self) -> Result<Vec<u8>, ScriptError> {
         match &mut self.0 {
             Inner::Lua(h) => h.dump(),
-            Inner::Native(h) => Ok(h.dump()),
+            Inner::Native(h) => Ok(h.lock().native.dump()),
         }
     }
 
@@ -103,7 +167,7 @@ impl HandlerInstance {
         match &mut self.0 {
             Inner::Lua(h) => h.flush(info),
             Inner::Native(h) => Ok(Flushed {
-                output: Some(h.dump()),
+                output: Some(h.lock().native.dump()),
                 emits: Vec::new(),
             }),
         }
@@ -126,7 +190,7 @@ impl HandlerInstance {
     pub fn snapshot(&self) -> Result<Vec<u8>, ScriptError> {
         match &self.0 {
             Inner::Lua(h) => h.snapshot(),
-            Inner::Native(h) => Ok(h.snapshot()),
+            Inner::Native(h) => Ok(h.lock().native.snapshot()),
         }
     }
 
@@ -138,6 +202,8 @@ impl HandlerInstance {
         match &mut self.0 {
             Inner::Lua(h) => h.restore(snapshot),
             Inner::Native(h) => h
+                .lock()
+                .native
                 .restore(snapshot)
                 .map_err(|e| ScriptError::Runtime(format!("cannot restore the snapshot: {e}"))),
         }
@@ -155,7 +221,7 @@ impl HandlerInstance {
     pub fn memory_used(&self) -> usize {
         match &self.0 {
             Inner::Lua(h) => h.memory_used(),
-            Inner::Native(h) => h.memory_used(),
+            Inner::Native(h) => h.lock().native.memory_used(),
         }
     }
 }

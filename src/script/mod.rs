@@ -17,6 +17,7 @@ mod watchdog;
 pub use catalog::{HandlerCatalog, HandlerSource, Origin, MAX_HANDLER_FILE};
 pub use context::{Emit, FlushInfo, MAX_EMITS, MAX_EMIT_BYTES};
 pub use handler::HandlerInstance;
+pub(crate) use handler::SharedNative;
 pub use instance::Flushed;
 pub use json::MAX_DEPTH;
 pub use snapshot::MAX_SNAPSHOT_DEPTH;

@@ -448,29 +448,32 @@ impl<S: Stream> Reader<S> {
                 .collect();
             Pending::ReadyMany(answers)
         };
-        let handle = self.services.engine.bucket(&bucket);
-        let pending = match handle {
-            // One frame (the unpipelined case): a plain SEND, nothing to gather.
-            Ok(handle) if items.len() == 1 => {
-                let (id, batch) = items.remove(0);
-                let (reply, rx) = oneshot::channel();
-                match handle.post(BucketMsg::Send { id, batch, reply }).await {
-                    Ok(()) => Pending::Waiting { id, rx },
-                    Err(e) => refused(&[id], e),
-                }
-            }
-            Ok(handle) => {
-                let ids: Vec<u32> = items.iter().map(|(id, _)| *id).collect();
-                let (reply, rx) = oneshot::channel();
-                match handle.post(BucketMsg::SendMany { items, reply }).await {
-                    Ok(()) => Pending::WaitingMany { ids, rx },
-                    Err(e) => refused(&ids, e),
-                }
-            }
+        let pending = match self.services.engine.bucket(&bucket) {
             Err(e) => {
                 let ids: Vec<u32> = items.iter().map(|(id, _)| *id).collect();
                 refused(&ids, e)
             }
+            // Applied right here when the bucket allows it and is idle (`engine::lane`).
+            Ok(handle) => match handle.shared.lane.try_apply(&items, &handle.shared.stats) {
+                Some(answers) => Pending::Encoded(answers),
+                // One frame (the unpipelined case): a plain SEND, nothing to gather.
+                None if items.len() == 1 => {
+                    let (id, batch) = items.remove(0);
+                    let (reply, rx) = oneshot::channel();
+                    match handle.post(BucketMsg::Send { id, batch, reply }).await {
+                        Ok(()) => Pending::Waiting { id, rx },
+                        Err(e) => refused(&[id], e),
+                    }
+                }
+                None => {
+                    let ids: Vec<u32> = items.iter().map(|(id, _)| *id).collect();
+                    let (reply, rx) = oneshot::channel();
+                    match handle.post(BucketMsg::SendMany { items, reply }).await {
+                        Ok(()) => Pending::WaitingMany { ids, rx },
+                        Err(e) => refused(&ids, e),
+                    }
+                }
+            },
         };
         let slot = Slot {
             pending,
@@ -779,6 +782,10 @@ async fn write_loop<S: Stream>(
                     if !answers.iter().all(|r| w.answer(r)) {
                         break;
                     }
+                }
+                Pending::Encoded(answers) => {
+                    drop(slot._budget);
+                    w.out.extend_from_slice(&answers.frames);
                 }
                 Pending::Waiting { id, rx } => {
                     awaited = Some(Awaited {

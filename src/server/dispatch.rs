@@ -53,6 +53,8 @@ pub(crate) enum Pending {
     },
     /// Several answers known at once, in order.
     ReadyMany(Vec<Response>),
+    /// SEND answers known at once, encoded (neither FATAL nor SUBSCRIBE).
+    Encoded(crate::engine::EncodedAnswers),
     /// The answer to UNSUBSCRIBE: from it on, no push of `sub` is written.
     Unsubscribed {
         id: u32,

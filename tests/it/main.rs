@@ -5,6 +5,7 @@ mod cli;
 mod client;
 mod common;
 mod durable;
+mod lane;
 mod native;
 mod raw_protocol;
 mod sandbox;
