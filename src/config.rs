@@ -67,6 +67,9 @@ pub struct Config {
     pub lua_time: std::time::Duration,
     /// Handler threads; 0 means one per available core.
     pub workers: usize,
+    /// Threads of the async runtime that serves the connections; 0 means half the
+    /// available cores, at least one. Read by `bucketlyd`, which builds the runtime.
+    pub io_threads: usize,
     /// Serve TLS with this certificate chain and key (PEM files) instead of plain TCP.
     pub tls: Option<TlsFiles>,
     /// Whether buckets may have exec sinks (commands run at each flush).
@@ -100,6 +103,7 @@ impl Default for Config {
             lua_memory: DEFAULT_LUA_MEMORY,
             lua_time: DEFAULT_LUA_TIME,
             workers: 0,
+            io_threads: 0,
             tls: None,
             allow_exec: false,
             exec_dir: None,
@@ -117,6 +121,17 @@ impl Config {
         let mut dir = self.database.clone();
         dir.set_extension("exec");
         dir
+    }
+
+    /// The number of connection (async runtime) threads to start. Half the cores by
+    /// default: the handler threads, the durable log's writer and, often, the clients on
+    /// the same machine need the rest. On 2 cores one runtime thread served every
+    /// benchmark shape as fast or faster than two (benches/README.md).
+    pub fn io_threads(&self) -> usize {
+        if self.io_threads > 0 {
+            return self.io_threads;
+        }
+        std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
     }
 
     /// The number of handler threads to start.

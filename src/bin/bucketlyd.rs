@@ -37,6 +37,9 @@ struct Args {
     /// Handler threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     workers: usize,
+    /// Threads serving the connections (0: half the cores, at least 1).
+    #[arg(long, default_value_t = 0)]
+    io_threads: usize,
     /// Time budget of one handler call, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = config::DEFAULT_LUA_TIME.as_millis() as u64,
           value_parser = clap::value_parser!(u64).range(1..=60_000))]
@@ -95,6 +98,7 @@ fn main() -> ExitCode {
         max_connections: args.max_connections,
         max_buckets: args.max_buckets,
         workers: args.workers,
+        io_threads: args.io_threads,
         lua_time: std::time::Duration::from_millis(args.handler_time_ms),
         lua_memory: (args.handler_memory_mib as usize) << 20,
         allow_exec: args.allow_exec,
@@ -110,6 +114,7 @@ fn main() -> ExitCode {
         config.handlers_dir_required = true;
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.io_threads())
         .enable_all()
         .build()
     {
