@@ -1,6 +1,7 @@
 //! One bucket on its handler thread: the handler instance, its schedule, its
 //! subscribers and sinks, and for a durable bucket its log. Only that thread touches an
-//! actor, so nothing here locks.
+//! actor; the only lock is a native handler's state, which the connections' fast lane
+//! ([`super::lane`]) shares while the actor is idle.
 //!
 //! A flush takes the handler's output (`flush(state, ctx)`, or `dump(state)`), wraps it
 //! in a record, and hands it to every sink without waiting on any of them:

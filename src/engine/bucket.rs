@@ -1,5 +1,6 @@
 //! A bucket as the rest of the server sees it: a cloneable handle with a bounded mailbox.
-//! The state itself lives on the handler thread that owns the bucket ([`super::worker`]).
+//! The state itself lives on the handler thread that owns the bucket ([`super::worker`]),
+//! except that a native one may be applied to by connections ([`super::lane`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -132,7 +133,7 @@ pub struct BucketStats {
     pub takes: AtomicU64,
     /// The pending take's id, 0 if there is none.
     pub take_pending: AtomicU64,
-    /// Bytes used by the Lua state after the last message.
+    /// Bytes used by the handler state after the last message or fast-lane group.
     pub memory: AtomicU64,
     /// Scheduled flushes that ran (including those with nothing to output).
     pub flushes: AtomicU64,

@@ -17,8 +17,12 @@
 //!   the start of its next message or tick, under the same lock, so flush counts, take
 //!   counts and INFO `pending` are what they would have been through the mailbox.
 //!
-//! The lane never waits for the actor: if the actor has work queued, or holds the lock,
-//! the frames are posted as usual.
+//! The lane never waits for the actor's queue: if the actor has work queued, the frames
+//! are posted as usual. It waits at most [`LOCK_WAIT`] for the lock (held by another
+//! connection's group, or briefly by the actor), then posts. And it takes only groups of
+//! at most [`MAX_LANE_EVENTS`] events, so a connection's thread, which serves other
+//! connections too, is never held for long (well under a millisecond); a larger group
+//! goes to the handler thread.
 //!
 //! [`HandlerInstance::take_inline_events`]: crate::script::HandlerInstance
 
@@ -34,6 +38,9 @@ use super::bucket::{BucketStats, EncodedAnswers};
 
 /// Longest the lane waits for the state's lock before posting instead.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_micros(50);
+
+/// Most events in a group the lane applies.
+pub(crate) const MAX_LANE_EVENTS: usize = 8192;
 
 /// A bucket's fast lane ([module docs](self)).
 #[derive(Default)]
@@ -86,7 +93,9 @@ impl Lane {
         items: &[(u32, SendBatch)],
         stats: &BucketStats,
     ) -> Option<EncodedAnswers> {
-        if self.queued.load(Ordering::SeqCst) != 0 {
+        if self.queued.load(Ordering::SeqCst) != 0
+            || items.iter().map(|(_, b)| b.len()).sum::<usize>() > MAX_LANE_EVENTS
+        {
             return None;
         }
         let native = self.native.read().clone()?;
@@ -125,5 +134,62 @@ impl Lane {
             count: items.len(),
             frames: frames.freeze(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::script::{HandlerCatalog, HandlerInstance, ScriptLimits};
+
+    fn counter() -> HandlerInstance {
+        let source = HandlerCatalog::stock()
+            .get("counter")
+            .expect("stock counter");
+        HandlerInstance::new(&source, &serde_json::Value::Null, &ScriptLimits::default())
+            .expect("starts")
+    }
+
+    fn frames(n: usize, events: usize) -> Vec<(u32, SendBatch)> {
+        let batch: Vec<String> = (0..events).map(|i| format!("k{}", i % 3)).collect();
+        (0..n as u32)
+            .map(|id| (id, SendBatch::from_events(&batch)))
+            .collect()
+    }
+
+    #[test]
+    fn applies_only_while_open_and_idle_and_hands_the_count_over() {
+        let (lane, stats, instance) = (Lane::default(), BucketStats::default(), counter());
+        let group = frames(3, 4);
+        assert!(
+            lane.try_apply(&group, &stats).is_none(),
+            "no state attached"
+        );
+        lane.attach(instance.shared_native());
+        assert!(lane.try_apply(&group, &stats).is_none(), "attached closed");
+        assert_eq!(instance.take_inline_events(true), 0);
+
+        let answers = lane.try_apply(&group, &stats).expect("applied");
+        assert_eq!(answers.count, 3);
+        assert_eq!(stats.events.load(Ordering::Relaxed), 12);
+        assert_eq!(stats.sends.load(Ordering::Relaxed), 3);
+        assert_eq!(stats.pending.load(Ordering::Relaxed), 12);
+
+        let queued = lane.queue();
+        assert!(
+            lane.try_apply(&group, &stats).is_none(),
+            "a message is queued"
+        );
+        drop(queued);
+        let too_big = frames(2, MAX_LANE_EVENTS / 2 + 1);
+        assert!(
+            lane.try_apply(&too_big, &stats).is_none(),
+            "too large a group"
+        );
+
+        assert_eq!(instance.take_inline_events(false), 12, "handed over once");
+        assert_eq!(instance.take_inline_events(false), 0);
+        assert!(lane.try_apply(&group, &stats).is_none(), "closed again");
+        assert_eq!(stats.events.load(Ordering::Relaxed), 12);
     }
 }

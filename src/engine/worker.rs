@@ -1,6 +1,6 @@
 //! Handler threads. Each OS thread owns a fixed subset of buckets (by a hash of the name)
-//! and their Lua states, so a state never moves between threads and needs no lock. Lua
-//! never runs on a tokio worker.
+//! and their Lua states, so a Lua state never moves between threads and needs no lock.
+//! Lua never runs on a tokio worker. (A native state is locked, for the fast lane.)
 //!
 //! ```text
 //!  connection ──post──▶ bucket mailbox (bounded) ──┐
@@ -303,11 +303,7 @@ impl Worker {
                 Err(_) => break,
             }
         }
-        actor
-            .shared
-            .stats
-            .memory
-            .store(actor.instance.memory_used() as u64, Ordering::Relaxed);
+        actor.instance.publish_memory(&actor.shared.stats.memory);
         actor.publish_info();
         if !actor.mailbox.is_empty() && !actor.shared.scheduled.swap(true, Ordering::AcqRel) {
             let _ = self.me.send(WorkerMsg::Run(id));

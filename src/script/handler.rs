@@ -217,6 +217,19 @@ impl HandlerInstance {
         }
     }
 
+    /// Stores [`HandlerInstance::memory_used`] in `stat`; for a native state under its
+    /// lock, so it cannot overwrite a newer value the fast lane stored.
+    pub(crate) fn publish_memory(&self, stat: &std::sync::atomic::AtomicU64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        match &self.0 {
+            Inner::Lua(h) => stat.store(h.memory_used() as u64, Relaxed),
+            Inner::Native(h) => {
+                let state = h.lock();
+                stat.store(state.native.memory_used() as u64, Relaxed);
+            }
+        }
+    }
+
     /// Bytes used by this instance's state (estimated for a native one).
     pub fn memory_used(&self) -> usize {
         match &self.0 {
