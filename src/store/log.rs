@@ -353,6 +353,39 @@ impl DurableLog {
     }
 }
 
+/// The pause before each reopen of a failed database: [`FIRST_RETRY`], doubling up to
+/// [`MAX_RETRY`]. It starts again from the first only once a write commits (a new
+/// `Backoff`), not when a reopen succeeds: a disk that lets the database open but fails
+/// every batch is retried ever more slowly, not every second.
+struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { next: FIRST_RETRY }
+    }
+}
+
+impl Backoff {
+    /// A commit or a reopen failed: how long to wait before the next reopen.
+    fn failed(&mut self) -> Duration {
+        let pause = self.next;
+        self.next = (self.next * 2).min(MAX_RETRY);
+        pause
+    }
+}
+
+/// What [`Writer::commit_batch`] did.
+enum Committed {
+    /// A transaction with records committed.
+    Wrote,
+    /// Nothing needed writing (barriers, refused ops).
+    Nothing,
+    /// The commit failed.
+    Failed,
+}
+
 struct Writer {
     store: Arc<Store>,
     health: Arc<Health>,
@@ -363,7 +396,7 @@ struct Writer {
 
 impl Writer {
     fn run(mut self, rx: crossbeam_channel::Receiver<Op>) {
-        let mut retry = FIRST_RETRY;
+        let mut retry = Backoff::default();
         // Set while the log is latched: when to open the database again.
         let mut reopen_at: Option<Instant> = None;
         loop {
@@ -376,13 +409,11 @@ impl Writer {
                     Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
                     Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
                 }
-                if self.try_recover() {
-                    retry = FIRST_RETRY;
-                    reopen_at = None;
+                reopen_at = if self.try_recover() {
+                    None
                 } else {
-                    retry = (retry * 2).min(MAX_RETRY);
-                    reopen_at = Some(Instant::now() + retry);
-                }
+                    Some(Instant::now() + retry.failed())
+                };
                 continue;
             }
             let Ok(first) = rx.recv() else { return };
@@ -397,15 +428,17 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            if !self.commit_batch(batch) {
-                reopen_at = Some(Instant::now() + retry);
+            match self.commit_batch(batch) {
+                Committed::Wrote => retry = Backoff::default(),
+                Committed::Nothing => {}
+                Committed::Failed => reopen_at = Some(Instant::now() + retry.failed()),
             }
         }
     }
 
     /// Commits the ops that continue their buckets' chains, then runs every op's
-    /// completion in queue order. False if the commit failed (the log is latched then).
-    fn commit_batch(&mut self, batch: Vec<Op>) -> bool {
+    /// completion in queue order. On failure the log is latched.
+    fn commit_batch(&mut self, batch: Vec<Op>) -> Committed {
         let mut links = chain::Batch::default();
         let mut broken = Vec::with_capacity(batch.len());
         let mut ops = Vec::with_capacity(batch.len());
@@ -479,7 +512,11 @@ impl Writer {
             tracing::warn!("{refused} durable op(s) did not follow their bucket's records on disk");
             (self.recovered)();
         }
-        committed
+        match (committed, writes) {
+            (false, _) => Committed::Failed,
+            (true, true) => Committed::Wrote,
+            (true, false) => Committed::Nothing,
+        }
     }
 
     /// Fails `batch` and everything queued behind it while the store is unhealthy.
@@ -703,6 +740,16 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_backoff_grows_until_a_write_commits() {
+        let s = Duration::from_secs;
+        let mut retry = Backoff::default();
+        // A reopen that succeeds does not reset it; only a committed write (a new one).
+        let pauses: Vec<Duration> = (0..7).map(|_| retry.failed()).collect();
+        assert_eq!(pauses, [s(1), s(2), s(4), s(8), s(16), s(30), s(30)]);
+        assert_eq!(Backoff::default().failed(), FIRST_RETRY);
+    }
 
     fn store() -> (tempfile::TempDir, Arc<Store>) {
         let dir = tempfile::tempdir().expect("tempdir");
