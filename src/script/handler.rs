@@ -47,9 +47,8 @@ impl SharedNative {
         &self,
         wait: std::time::Duration,
     ) -> Option<parking_lot::MutexGuard<'_, NativeState>> {
-        self.state
-            .try_lock()
-            .or_else(|| self.state.try_lock_for(wait))
+        // Tries without waiting first, as `try_lock` does.
+        self.state.try_lock_for(wait)
     }
 
     /// The state, locked, waiting for it.
