@@ -3,29 +3,13 @@
 //! overtakes what its connection asked before it, and flushes, takes and INFO count the
 //! lane's events exactly as if they had come through the mailbox.
 
-use std::time::Duration;
-
-use bucketly::client::{PendingReply, Subscription};
+use bucketly::client::PendingReply;
 use bucketly::protocol::Command;
 use bucketly::Client;
 use bytes::Bytes;
 use serde_json::{json, Value};
 
-use crate::common::TestServer;
-
-/// Bounds a wait on the server, so a lost output fails the test instead of hanging it.
-async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(20), f)
-        .await
-        .unwrap_or_else(|_| panic!("no {what} within 20 s"))
-}
-
-async fn next_record(sub: &mut Subscription) -> Value {
-    within("output record", sub.next_json())
-        .await
-        .expect("the subscription is still open")
-        .expect("an output record")
-}
+use crate::common::{next_record, TestServer};
 
 fn sum_counts(output: &Value) -> u64 {
     output

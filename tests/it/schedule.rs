@@ -16,35 +16,16 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use bucketly::client::{ClientError, Subscription};
+use bucketly::client::ClientError;
 use bucketly::protocol::{Command, ErrorCode, Request, Response, Status};
 use bucketly::{Client, Config};
 use bytes::BytesMut;
 use serde_json::{json, Value};
 
-use crate::common::{config_in, TestServer};
-
-/// Longest any single wait may take: only turns a hang into a failure.
-const PATIENCE: Duration = Duration::from_secs(15);
+use crate::common::{bounded, config_in, next_record, TestServer, PATIENCE};
 
 fn code(e: ClientError) -> Option<ErrorCode> {
     e.code()
-}
-
-/// `f`, failing the test instead of hanging if it takes longer than [`PATIENCE`].
-async fn bounded<F: Future>(what: &str, f: F) -> F::Output {
-    match tokio::time::timeout(PATIENCE, f).await {
-        Ok(v) => v,
-        Err(_) => panic!("timed out after {PATIENCE:?} waiting for {what}"),
-    }
-}
-
-/// The next output record of `sub`, parsed.
-async fn next_record(sub: &mut Subscription) -> Value {
-    bounded("an output record", sub.next_json())
-        .await
-        .expect("the subscription is still open")
-        .expect("an output record")
 }
 
 fn now_ms() -> u64 {

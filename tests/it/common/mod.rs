@@ -18,6 +18,26 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
+/// Longest a test waits for something the daemon should do soon (an output, a change):
+/// reached only when the daemon misbehaves.
+pub const PATIENCE: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// `f`, failing the test instead of hanging if it takes longer than [`PATIENCE`].
+pub async fn bounded<F: std::future::Future>(what: &str, f: F) -> F::Output {
+    match tokio::time::timeout(PATIENCE, f).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out after {PATIENCE:?} waiting for {what}"),
+    }
+}
+
+/// The next output record of `sub`, parsed.
+pub async fn next_record(sub: &mut bucketly::client::Subscription) -> serde_json::Value {
+    bounded("an output record", sub.next_json())
+        .await
+        .expect("the subscription is still open")
+        .expect("an output record")
+}
+
 /// The user every fresh database starts with.
 pub const ADMIN: &str = "admin";
 /// Its password.
