@@ -33,6 +33,13 @@ pub const DEFAULT_MAX_BUCKETS: usize = 10_000;
 pub const DEFAULT_LUA_MEMORY: usize = 64 * 1024 * 1024;
 /// Time budget of one handler call (one event's `send`, a `view`, a `dump`, `init`).
 pub const DEFAULT_LUA_TIME: std::time::Duration = std::time::Duration::from_millis(100);
+/// Size of the durable log's write-ahead segment ([`crate::store::wal`]), zero-filled
+/// once. When it is full, the records no snapshot covers move into the database file.
+pub const DEFAULT_WAL_SEGMENT: u64 = crate::store::wal::SEGMENT_BYTES;
+/// Smallest `--wal-segment-kib` (64 KiB).
+pub const MIN_WAL_SEGMENT: u64 = 64 * 1024;
+/// Largest `--wal-segment-kib` (1 GiB).
+pub const MAX_WAL_SEGMENT: u64 = 1024 * 1024 * 1024;
 /// Time a new connection has to complete the handshake.
 pub const HANDSHAKE_TIMEOUT_SECS: u64 = 10;
 /// Time graceful shutdown waits for connections to drain before closing them.
@@ -70,6 +77,8 @@ pub struct Config {
     /// Threads of the async runtime that serves the connections; 0 means half the
     /// available cores, at least one. Read by `bucketlyd`, which builds the runtime.
     pub io_threads: usize,
+    /// See [`DEFAULT_WAL_SEGMENT`].
+    pub wal_segment: u64,
     /// Serve TLS with this certificate chain and key (PEM files) instead of plain TCP.
     pub tls: Option<TlsFiles>,
     /// Whether buckets may have exec sinks (commands run at each flush).
@@ -104,6 +113,7 @@ impl Default for Config {
             lua_time: DEFAULT_LUA_TIME,
             workers: 0,
             io_threads: 0,
+            wal_segment: DEFAULT_WAL_SEGMENT,
             tls: None,
             allow_exec: false,
             exec_dir: None,
@@ -121,6 +131,12 @@ impl Config {
         let mut dir = self.database.clone();
         dir.set_extension("exec");
         dir
+    }
+
+    /// The durable log's write-ahead directory: `NAME.wal` beside the database file
+    /// `NAME.redb`.
+    pub fn wal_dir(&self) -> PathBuf {
+        crate::store::wal::Wal::dir_beside(&self.database)
     }
 
     /// The number of connection (async runtime) threads to start. Half the cores by

@@ -40,6 +40,10 @@ struct Args {
     /// Threads serving the connections (0: half the cores, at least 1).
     #[arg(long, default_value_t = 0)]
     io_threads: usize,
+    /// Size of the durable log's write-ahead segment, in KiB.
+    #[arg(long, value_name = "KIB", default_value_t = config::DEFAULT_WAL_SEGMENT >> 10,
+          value_parser = clap::value_parser!(u64).range((config::MIN_WAL_SEGMENT >> 10)..=(config::MAX_WAL_SEGMENT >> 10)))]
+    wal_segment_kib: u64,
     /// Time budget of one handler call, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = config::DEFAULT_LUA_TIME.as_millis() as u64,
           value_parser = clap::value_parser!(u64).range(1..=60_000))]
@@ -99,6 +103,7 @@ fn main() -> ExitCode {
         max_buckets: args.max_buckets,
         workers: args.workers,
         io_threads: args.io_threads,
+        wal_segment: args.wal_segment_kib << 10,
         lua_time: std::time::Duration::from_millis(args.handler_time_ms),
         lua_memory: (args.handler_memory_mib as usize) << 20,
         allow_exec: args.allow_exec,

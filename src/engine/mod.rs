@@ -526,9 +526,12 @@ impl Engine {
         self.log.shutdown();
     }
 
-    /// Whether durable writes are possible now, and the durable log's counters.
+    /// Whether durable writes are possible now, and the durable log's counters (`wal`:
+    /// its write-ahead file's).
     pub fn storage_json(&self) -> serde_json::Value {
-        self.log.health.to_json()
+        let mut json = self.log.health.to_json();
+        json["wal"] = self.store.wal_info();
+        json
     }
 }
 

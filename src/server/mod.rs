@@ -67,8 +67,8 @@ impl Server {
     /// # Errors
     /// [`StartError`] with a one-line reason.
     pub async fn bind(config: Config) -> Result<Server, StartError> {
-        let path = config.database.clone();
-        let store = tokio::task::spawn_blocking(move || Store::open(&path))
+        let (path, segment) = (config.database.clone(), config.wal_segment);
+        let store = tokio::task::spawn_blocking(move || Store::open_sized(&path, segment))
             .await
             .map_err(|e| StartError::Runtime(std::io::Error::other(e)))??;
         Server::bind_with_store(config, store).await

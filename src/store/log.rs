@@ -2,18 +2,22 @@
 //!
 //! ```text
 //!  actors ──Op (bounded queue)──▶ writer thread: take every queued op (up to a batch)
-//!                                   one write transaction, one commit (fsync)
+//!                                   records: one write, one fdatasync ([`super::wal`])
+//!                                   snapshots, removals: one redb commit
 //!                                   then every op's completion, in order
 //! ```
 //!
 //! One writer thread owns durable writes, so many connections' and buckets' records share
-//! one commit (group commit): durable throughput grows with concurrency. Tables:
+//! one commit (group commit): durable throughput grows with concurrency. Records go to
+//! the write-ahead file first and reach redb later, in bulk; readers read redb only,
+//! after the write-ahead file has been moved into it. Tables:
 //!
 //! - `log`: (bucket uid, lsn) → record. A record is one SEND batch (or forwarded
 //!   batch), DUMP, TAKE, RELEASE or flush: [`Record`].
 //! - `snapshots`: bucket uid → `lsn:u64be seq:u64be state`, the state after the record
 //!   `lsn`, and the last output `seq`. A snapshot and the removal of the records it
-//!   covers are one transaction, so a crash between them cannot lose or repeat anything.
+//!   covers are one transaction, so a crash between them cannot lose or repeat anything;
+//!   records it covers that are still in the write-ahead file are never moved.
 //!
 //! A failed commit *latches* the log: every op is refused until the database has been
 //! opened again and a write has committed; the writer retries that with a growing pause
@@ -33,8 +37,8 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use super::chain::{self, Chains, Link};
 use super::{io, Store, StoreError};
 
-const LOG: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("log");
-const SNAPSHOTS: TableDefinition<u64, &[u8]> = TableDefinition::new("snapshots");
+pub(super) const LOG: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("log");
+pub(super) const SNAPSHOTS: TableDefinition<u64, &[u8]> = TableDefinition::new("snapshots");
 
 /// Ops queued for the writer at most; a full queue makes the durable buckets wait.
 pub const QUEUE_OPS: usize = 16 * 1024;
@@ -467,7 +471,7 @@ impl Writer {
         // Barriers alone need no transaction: everything before them has completed.
         let writes = admitted_writes > 0;
         let result = if writes {
-            self.store.with(|db| commit(db, &admitted))
+            commit(&self.store, &admitted)
         } else {
             Ok(())
         };
@@ -558,18 +562,43 @@ impl Writer {
     }
 }
 
-fn commit(db: &redb::Database, batch: &[&Op]) -> Result<(), StoreError> {
+/// Appends the batch's records to the write-ahead file, then commits its snapshots and
+/// removals to redb in one transaction.
+fn commit(store: &Store, batch: &[&Op]) -> Result<(), StoreError> {
+    let entries: Vec<_> = batch
+        .iter()
+        .filter_map(|op| match op {
+            Op::Append {
+                uid, lsn, record, ..
+            } => Some((*uid, *lsn, record.as_slice())),
+            _ => None,
+        })
+        .collect();
+    if !entries.is_empty() {
+        store.append_wal(&entries)?;
+    }
+    if !batch
+        .iter()
+        .any(|op| matches!(op, Op::Snapshot { .. } | Op::Forget { .. }))
+    {
+        return Ok(());
+    }
+    store.with(|db| commit_redb(db, batch))?;
+    for op in batch {
+        if let Op::Forget { uid } = op {
+            store.wal.lock().forget(*uid);
+        }
+    }
+    Ok(())
+}
+
+fn commit_redb(db: &redb::Database, batch: &[&Op]) -> Result<(), StoreError> {
     let tx = db.begin_write().map_err(io)?;
     {
         let mut log = tx.open_table(LOG).map_err(io)?;
         let mut snapshots = tx.open_table(SNAPSHOTS).map_err(io)?;
         for op in batch {
             match op {
-                Op::Append {
-                    uid, lsn, record, ..
-                } => {
-                    log.insert((*uid, *lsn), record.as_slice()).map_err(io)?;
-                }
                 Op::Snapshot {
                     uid,
                     lsn,
@@ -590,7 +619,7 @@ fn commit(db: &redb::Database, batch: &[&Op]) -> Result<(), StoreError> {
                     log.retain_in((*uid, 0)..=(*uid, u64::MAX), |_, _| false)
                         .map_err(io)?;
                 }
-                Op::Barrier { .. } => {}
+                Op::Append { .. } | Op::Barrier { .. } => {}
             }
         }
     }
@@ -775,7 +804,10 @@ mod tests {
         }
     }
 
+    /// What a restart would replay: opening the store moves the write-ahead file's
+    /// records into the database first.
     fn records(store: &Store, uid: u64, after: u64) -> Vec<(u64, Vec<u8>)> {
+        store.reopen().expect("reopen");
         let mut out = Vec::new();
         store
             .replay(uid, after, |lsn, r| {
@@ -863,6 +895,60 @@ mod tests {
     }
 
     #[test]
+    fn records_survive_full_write_ahead_segments() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db.redb");
+        let open = || Arc::new(Store::open_sized(&path, 64 * 1024).expect("open"));
+        let store = open();
+        let log = DurableLog::start(store.clone(), Box::new(|| {})).expect("start");
+        let event = [b'x'; 200];
+        let mut batch = Vec::new();
+        for lsn in 1..=2000u64 {
+            batch.extend_from_slice(&(event.len() as u32).to_be_bytes());
+            batch.extend_from_slice(&event);
+            let record = Record::Send(&batch).encode();
+            let (uid, record) = (7, record.clone());
+            wait(&log, |done| Op::Append {
+                uid,
+                lsn,
+                record,
+                done: Some(done),
+            })
+            .expect("append");
+            wait(&log, append(8, lsn, Record::Dump)).expect("append");
+            batch.clear();
+            if lsn == 900 {
+                wait(&log, |done| Op::Snapshot {
+                    uid: 7,
+                    lsn,
+                    seq: 0,
+                    state: b"st".to_vec(),
+                    done: Some(done),
+                })
+                .expect("snapshot");
+            }
+        }
+        let seals = store.wal_info()["seals"].as_u64().expect("seals");
+        assert!(seals >= 5, "only {seals} segment(s) filled");
+        log.shutdown();
+        drop(log);
+        drop(store);
+        let store = open();
+        let lsns = |uid| -> Vec<u64> { records(&store, uid, 0).iter().map(|r| r.0).collect() };
+        assert_eq!(lsns(7), (901..=2000).collect::<Vec<_>>());
+        assert_eq!(lsns(8), (1..=2000).collect::<Vec<_>>());
+        // Two segment files at most: the one being written, and the full or spare one.
+        let files = std::fs::read_dir(dir.path().join("db.wal"))
+            .expect("ls")
+            .count();
+        assert!(files <= 2, "{files} files in the write-ahead directory");
+        // Records moved at every open stay moved: nothing is lost or repeated.
+        drop(store);
+        let store = open();
+        assert_eq!(records(&store, 8, 0).len(), 2000);
+    }
+
+    #[test]
     fn an_op_that_does_not_continue_its_chain_is_refused() {
         let (_dir, store) = store();
         let reloads = Arc::new(AtomicU64::new(0));
@@ -885,8 +971,8 @@ mod tests {
         wait(&log, barrier(7, 1)).expect("record 1 is");
         wait(&log, append(7, 2, Record::Dump)).expect("record 2 continues");
         wait(&log, barrier(9, 4)).expect("a bucket not seen yet");
-        assert_eq!(store.last_lsn(7).expect("last"), 2);
         assert_eq!(records(&store, 7, 0).len(), 2);
+        assert_eq!(store.last_lsn(7).expect("last"), 2);
         assert_eq!(log.health.out_of_order.load(Ordering::Relaxed), 2);
         assert_eq!(
             reloads.load(Ordering::Relaxed),

@@ -3,6 +3,8 @@
 //!
 //! Tables:
 //! - `meta`: `schema_version` → u64. A file written by a newer schema is refused.
+//!   `wal` → 1 once the write-ahead directory ([`wal`]) holds a segment: from then on
+//!   the database does not open without that directory.
 //! - `buckets`: bucket name → [`BucketSpec`] as JSON.
 //! - `users`: user name → [`crate::auth::UserRecord`] as JSON (password as an argon2id
 //!   PHC string, never in clear).
@@ -16,11 +18,12 @@
 
 mod chain;
 pub mod log;
+pub mod wal;
 
 use std::path::Path;
 use std::sync::Arc;
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
@@ -57,6 +60,13 @@ pub enum StoreError {
         /// Its schema version.
         found: u64,
     },
+    /// The database has used a write-ahead directory that is not there now.
+    #[error(
+        "the write-ahead directory {0} of this database is missing: it holds acknowledged \
+         durable records. Restore it beside the database file, or create it empty to start \
+         without them"
+    )]
+    WalMissing(String),
     /// Any other I/O or transaction failure.
     #[error("database error: {0}")]
     Io(String),
@@ -97,6 +107,8 @@ pub struct Store {
     db: RwLock<Option<Database>>,
     opener: Opener,
     shown: String,
+    wal: Mutex<wal::Wal>,
+    wal_stats: Arc<wal::WalStats>,
 }
 
 impl Store {
@@ -106,27 +118,59 @@ impl Store {
     /// [`StoreError::Locked`], [`StoreError::Corrupt`], [`StoreError::TooNew`] or
     /// [`StoreError::Io`], each with a message naming the file.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        Store::open_sized(path, wal::SEGMENT_BYTES)
+    }
+
+    /// [`Store::open`] with write-ahead segments of `segment_bytes` ([`wal`]).
+    ///
+    /// # Errors
+    /// As [`Store::open`].
+    pub fn open_sized(path: &Path, segment_bytes: u64) -> Result<Store, StoreError> {
         let file = path.to_owned();
         Store::open_with(
             path.display().to_string(),
             Box::new(move || Database::create(&file)),
+            wal::Wal::new(wal::Wal::dir_beside(path), segment_bytes, None),
         )
     }
 
-    /// Opens the database `opener` makes (tests pass one with a fault-injecting
-    /// storage backend); `shown` names it in messages.
+    /// Opens the database `opener` makes, with its write-ahead file `wal` (tests pass
+    /// a fault-injecting storage backend and [`wal::IoCheck`]); `shown` names it in
+    /// messages.
     ///
     /// # Errors
     /// As [`Store::open`].
-    pub fn open_with(shown: String, opener: Opener) -> Result<Store, StoreError> {
+    pub fn open_with(shown: String, opener: Opener, wal: wal::Wal) -> Result<Store, StoreError> {
         let db = Store::first_open(&shown, &opener)?;
         let store = Store {
             db: RwLock::new(Some(db)),
             opener,
             shown: shown.clone(),
+            wal_stats: wal.stats(),
+            wal: Mutex::new(wal),
         };
         store.check_schema(&shown)?;
+        store.drain_wal()?;
         Ok(store)
+    }
+
+    /// Moves the records in the write-ahead file into the database ([`wal`]).
+    fn drain_wal(&self) -> Result<(), StoreError> {
+        let moved = self.with(|db| self.wal.lock().drain(db))?;
+        if moved > 0 {
+            tracing::info!("moved {moved} durable record(s) from the write-ahead file");
+        }
+        Ok(())
+    }
+
+    /// The write-ahead file's counters, for server INFO.
+    pub fn wal_info(&self) -> serde_json::Value {
+        self.wal_stats.to_json()
+    }
+
+    /// Appends records to the write-ahead file; on return they are on disk.
+    fn append_wal(&self, entries: &[wal::Entry<'_>]) -> Result<(), StoreError> {
+        self.with(|db| self.wal.lock().append(db, entries))
     }
 
     fn first_open(shown: &str, opener: &Opener) -> Result<Database, StoreError> {
@@ -156,7 +200,8 @@ impl Store {
         drop(db.take()); // releases the file lock before opening again
         *db = Some(Store::first_open(&self.shown, &self.opener)?);
         drop(db);
-        self.check_schema(&self.shown)
+        self.check_schema(&self.shown)?;
+        self.drain_wal()
     }
 
     /// Runs `f` on the open database.
@@ -350,6 +395,33 @@ mod tests {
         let _first = Store::open(&path).expect("open");
         let err = Store::open(&path).err().expect("locked");
         assert!(matches!(err, StoreError::Locked(_)), "{err}");
+    }
+
+    #[test]
+    fn a_database_without_its_write_ahead_directory_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db.redb");
+        let (wal, moved) = (dir.path().join("db.wal"), dir.path().join("elsewhere"));
+        Store::open(&path)
+            .expect("open")
+            .append_wal(&[(1, 1, b"r")])
+            .expect("append");
+        std::fs::rename(&wal, &moved).expect("move the directory away");
+        let err = Store::open(&path).err().expect("refused");
+        assert!(matches!(err, StoreError::WalMissing(_)), "{err}");
+        std::fs::rename(&moved, &wal).expect("restore");
+        let mut lsns = Vec::new();
+        Store::open(&path)
+            .expect("open with the directory back")
+            .replay(1, 0, |lsn, _| {
+                lsns.push(lsn);
+                Ok(())
+            })
+            .expect("replay");
+        assert_eq!(lsns, [1], "the record was kept");
+        std::fs::remove_dir_all(&wal).expect("remove");
+        std::fs::create_dir(&wal).expect("an empty directory");
+        Store::open(&path).expect("an empty directory is the operator's choice");
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use bucketly::client::{ClientError, PendingReply};
 use bucketly::protocol::ErrorCode;
+use bucketly::store::wal::{IoCheck, Wal, SEGMENT_BYTES};
 use bucketly::store::Store;
 use bucketly::Client;
 use redb::backends::FileBackend;
@@ -190,10 +191,11 @@ async fn check_crash_view(
 /// `cycles` rounds of: four connections pipelining SENDs, SIGKILL at a chosen instant,
 /// restart on the same database, check the view. The restarted daemon serves the next
 /// round, so keys must survive several crashes (and the snapshots taken in between)
-/// until the state reaches [`CRASH_DUMP_AT`] keys and is DUMPed.
-async fn crash_cycles(cycles: u32) {
+/// until the state reaches [`CRASH_DUMP_AT`] keys and is DUMPed. `args` go to every
+/// daemon start. Returns how many write-ahead segments filled up before the kills.
+async fn crash_cycles(cycles: u32, args: &[&str]) -> u64 {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut daemon = Daemon::start(dir.path(), &[]).await;
+    let mut daemon = Daemon::start(dir.path(), args).await;
     daemon
         .client()
         .await
@@ -205,6 +207,8 @@ async fn crash_cycles(cycles: u32) {
     let mut attempted: HashSet<String> = HashSet::new();
     let (mut kills_in_flight, mut unanswered_total) = (0u32, 0usize);
     let (mut acked_total, mut sent_total, mut dumps) = (0usize, 0usize, 0u32);
+    // Write-ahead segments filled (and moved into the database file) before the kills.
+    let mut seals = 0;
     for cycle in 0..cycles {
         if acked.len() >= CRASH_DUMP_AT {
             // The view was just checked and nothing was sent since: the DUMP returns
@@ -225,6 +229,7 @@ async fn crash_cycles(cycles: u32) {
         for _ in 0..CRASH_CLIENTS {
             clients.push(daemon.client().await);
         }
+        let observer = daemon.client().await;
         let outstanding = Arc::new(AtomicUsize::new(0));
         let tasks: Vec<_> = clients
             .into_iter()
@@ -235,6 +240,8 @@ async fn crash_cycles(cycles: u32) {
             .collect();
         // The crash point, not a synchronisation: the kill lands wherever the sends are.
         tokio::time::sleep(delay).await;
+        let storage = observer.info(None).await.expect("INFO")["storage"].clone();
+        seals += storage["wal"]["seals"].as_u64().expect("storage.wal.seals");
         let in_flight = outstanding.load(Ordering::SeqCst);
         let status = daemon.kill().await;
         assert!(!status.success(), "cycle {cycle}: killed daemon exited 0");
@@ -251,7 +258,7 @@ async fn crash_cycles(cycles: u32) {
             kills_in_flight += 1;
         }
         unanswered_total += unanswered;
-        daemon = Daemon::start(dir.path(), &[]).await;
+        daemon = Daemon::start(dir.path(), args).await;
         check_crash_view(&daemon, &acked, &attempted, cycle).await;
     }
     daemon.terminate().await;
@@ -259,7 +266,7 @@ async fn crash_cycles(cycles: u32) {
     eprintln!(
         "{cycles} kill cycles: {events} events acknowledged, {sent_total} sent, \
          {unanswered_total} SEND frame(s) unanswered, {kills_in_flight} kill(s) with sends \
-         in flight, {dumps} DUMP(s)"
+         in flight, {dumps} DUMP(s), {seals} write-ahead segment(s) filled"
     );
     assert!(
         events >= 20 * cycles as usize * CRASH_BATCH,
@@ -269,6 +276,7 @@ async fn crash_cycles(cycles: u32) {
         kills_in_flight * 2 >= cycles,
         "only {kills_in_flight} of {cycles} kills happened with sends in flight"
     );
+    seals
 }
 
 // Across 20 SIGKILLs of the real daemon while four connections pipeline SENDs to a
@@ -277,14 +285,25 @@ async fn crash_cycles(cycles: u32) {
 // no event that was never sent, or was dumped, or is counted twice, appears.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_loses_no_acknowledged_event() {
-    crash_cycles(20).await;
+    crash_cycles(20, &[]).await;
 }
 
 // The crash harness of `kill_9_loses_no_acknowledged_event` over 200 kill cycles.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "long: 200 kill cycles"]
 async fn kill_9_loses_no_acknowledged_event_long() {
-    crash_cycles(200).await;
+    crash_cycles(200, &[]).await;
+}
+
+// The crash harness with write-ahead segments of 64 KiB, so that many fill up and their
+// records move into the database file while the sends go on and the kills land.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_with_small_write_ahead_segments() {
+    let seals = crash_cycles(15, &["--wal-segment-kib", "64"]).await;
+    assert!(
+        seals >= 15,
+        "only {seals} segment(s) filled before the kills"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -558,11 +577,7 @@ struct FaultyBackend {
 
 impl FaultyBackend {
     fn check(&self) -> std::io::Result<()> {
-        if self.fail.load(Ordering::SeqCst) {
-            Err(std::io::Error::from_raw_os_error(libc::ENOSPC))
-        } else {
-            Ok(())
-        }
+        enospc_if(&self.fail)
     }
 }
 
@@ -622,8 +637,21 @@ impl StorageBackend for FaultyBackend {
     }
 }
 
-/// The database at `path` on a [`FaultyBackend`] driven by `fail`.
+/// ENOSPC while `fail` is set.
+fn enospc_if(fail: &AtomicBool) -> std::io::Result<()> {
+    if fail.load(Ordering::SeqCst) {
+        Err(std::io::Error::from_raw_os_error(libc::ENOSPC))
+    } else {
+        Ok(())
+    }
+}
+
+/// The database at `path` on a [`FaultyBackend`] driven by `fail`, and its write-ahead
+/// file failing the same way.
 fn faulty_store(path: &Path, fail: Arc<AtomicBool>) -> Store {
+    let wal_fail = fail.clone();
+    let check: IoCheck = Arc::new(move || enospc_if(&wal_fail));
+    let wal = Wal::new(Wal::dir_beside(path), SEGMENT_BYTES, Some(check));
     let path = path.to_owned();
     Store::open_with(
         "test".into(),
@@ -640,6 +668,7 @@ fn faulty_store(path: &Path, fail: Arc<AtomicBool>) -> Store {
             };
             redb::Builder::new().create_with_backend(backend)
         }),
+        wal,
     )
     .expect("open the store")
 }
