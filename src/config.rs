@@ -38,8 +38,9 @@ pub const DEFAULT_LUA_TIME: std::time::Duration = std::time::Duration::from_mill
 pub const DEFAULT_WAL_SEGMENT: u64 = crate::store::wal::SEGMENT_BYTES;
 /// Smallest `--wal-segment-kib` (64 KiB).
 pub const MIN_WAL_SEGMENT: u64 = 64 * 1024;
-/// Largest `--wal-segment-kib` (1 GiB).
-pub const MAX_WAL_SEGMENT: u64 = 1024 * 1024 * 1024;
+/// Largest `--wal-segment-kib` (256 MiB): a segment is read into memory whole when its
+/// records move into the database file.
+pub const MAX_WAL_SEGMENT: u64 = 256 * 1024 * 1024;
 /// Time a new connection has to complete the handshake.
 pub const HANDSHAKE_TIMEOUT_SECS: u64 = 10;
 /// Time graceful shutdown waits for connections to drain before closing them.

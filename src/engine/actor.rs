@@ -804,7 +804,9 @@ impl Actor {
             return Err("records of the bucket are still being written".into());
         }
         // The records on disk form an unbroken chain (`store::chain`), so every record
-        // up to its end committed.
+        // up to its end committed. Some may have been written since the store was
+        // reopened (queued just before), so far only to the write-ahead file.
+        env.store.drain_wal().map_err(|e| e.to_string())?;
         let on_disk = env.store.last_lsn(d.uid).map_err(|e| e.to_string())?;
         self.committed(on_disk, true, env);
         self.recover(env, true)

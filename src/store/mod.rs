@@ -30,7 +30,8 @@ use serde::{Deserialize, Serialize};
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const BUCKETS: TableDefinition<&str, &[u8]> = TableDefinition::new("buckets");
 const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
-const SCHEMA_VERSION: u64 = 1;
+/// 2: durable records may be in the write-ahead directory ([`wal`]).
+const SCHEMA_VERSION: u64 = 2;
 
 /// Opens the database again (the file, or a test's storage backend).
 pub type Opener = Box<dyn Fn() -> Result<Database, redb::DatabaseError> + Send + Sync>;
@@ -154,8 +155,13 @@ impl Store {
         Ok(store)
     }
 
-    /// Moves the records in the write-ahead file into the database ([`wal`]).
-    fn drain_wal(&self) -> Result<(), StoreError> {
+    /// Moves the records in the write-ahead file into the database ([`wal`]), so that
+    /// [`Store::replay`] and [`Store::last_lsn`] see them: done at every open, and by
+    /// a bucket that reloads from disk at runtime.
+    ///
+    /// # Errors
+    /// [`StoreError::Io`].
+    pub fn drain_wal(&self) -> Result<(), StoreError> {
         let moved = self.with(|db| self.wal.lock().drain(db))?;
         if moved > 0 {
             tracing::info!("moved {moved} durable record(s) from the write-ahead file");
@@ -422,6 +428,84 @@ mod tests {
         std::fs::remove_dir_all(&wal).expect("remove");
         std::fs::create_dir(&wal).expect("an empty directory");
         Store::open(&path).expect("an empty directory is the operator's choice");
+    }
+
+    /// A store at `path` whose write-ahead file fails `failing` steps with EIO.
+    fn failing_at(path: &Path, failing: Arc<Mutex<Option<wal::Step>>>) -> Store {
+        let file = path.to_owned();
+        let check: wal::IoCheck = Arc::new(move |step| match *failing.lock() {
+            Some(f) if f == step => Err(std::io::Error::from_raw_os_error(libc::EIO)),
+            _ => Ok(()),
+        });
+        Store::open_with(
+            "test".into(),
+            Box::new(move || Database::create(&file)),
+            wal::Wal::new(wal::Wal::dir_beside(path), 64 * 1024, Some(check)),
+        )
+        .expect("open")
+    }
+
+    #[test]
+    fn a_record_written_but_not_synced_is_on_disk_after_the_drain() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db.redb");
+        let failing = Arc::new(Mutex::new(None));
+        let store = failing_at(&path, failing.clone());
+        store.append_wal(&[(1, 1, b"a")]).expect("append");
+        *failing.lock() = Some(wal::Step::Sync);
+        store
+            .append_wal(&[(1, 2, b"b")])
+            .expect_err("the sync fails");
+        *failing.lock() = None;
+        // What a failed sync wrote may be on disk all the same: the drain keeps it, and
+        // the bucket's chain goes on from it (`Store::last_lsn`).
+        store.drain_wal().expect("drain");
+        assert_eq!(store.last_lsn(1).expect("last"), 2);
+        store
+            .append_wal(&[(1, 3, b"c")])
+            .expect("append after the drain");
+        drop(store);
+        let store = failing_at(&path, failing);
+        let mut seen = Vec::new();
+        store
+            .replay(1, 0, |lsn, r| {
+                seen.push((lsn, r.to_vec()));
+                Ok(())
+            })
+            .expect("replay");
+        assert_eq!(
+            seen,
+            [(1, b"a".to_vec()), (2, b"b".to_vec()), (3, b"c".to_vec())]
+        );
+    }
+
+    #[test]
+    fn a_database_that_used_its_write_ahead_file_is_schema_2() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db.redb");
+        let version = |store: &Store| {
+            store
+                .with(|db| {
+                    let tx = db.begin_read().map_err(io)?;
+                    let meta = tx.open_table(META).map_err(io)?;
+                    Ok(meta.get("schema_version").map_err(io)?.map(|v| v.value()))
+                })
+                .expect("read")
+        };
+        let store = Store::open(&path).expect("open");
+        // As a database written before the write-ahead file, which older daemons read.
+        store
+            .with(|db| {
+                let tx = db.begin_write().map_err(io)?;
+                tx.open_table(META)
+                    .map_err(io)?
+                    .insert("schema_version", 1)
+                    .map_err(io)?;
+                tx.commit().map_err(io)
+            })
+            .expect("write");
+        store.append_wal(&[(1, 1, b"a")]).expect("append");
+        assert_eq!(version(&store), Some(2), "older daemons must refuse it now");
     }
 
     #[test]

@@ -39,7 +39,11 @@ use std::sync::Arc;
 use redb::{Database, ReadableTable};
 
 use super::log::{LOG, SNAPSHOTS};
-use super::META;
+use super::{META, SCHEMA_VERSION};
+
+/// The schema version of a database whose records may be in its WAL.
+const WAL_SCHEMA: u64 = 2;
+const _: () = assert!(SCHEMA_VERSION >= WAL_SCHEMA);
 use super::{io as store_io, StoreError};
 
 /// The default size a segment is zero-filled to; a batch that does not fit starts the
@@ -49,8 +53,23 @@ pub const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
 const HEADER: usize = 4 + 4 + 8 + 8;
 const SUFFIX: &str = ".wal";
 
-/// Called before each write, sync and rename of the WAL: tests inject disk failures here.
-pub type IoCheck = Arc<dyn Fn() -> io::Result<()> + Send + Sync>;
+/// What the WAL is about to do to its files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Create a segment.
+    Create,
+    /// Write frames.
+    Write,
+    /// `fdatasync` them.
+    Sync,
+    /// Renumber a segment.
+    Rename,
+    /// Remove a segment.
+    Remove,
+}
+
+/// Called before each step of the WAL on its files: tests inject disk failures here.
+pub type IoCheck = Arc<dyn Fn(Step) -> io::Result<()> + Send + Sync>;
 
 /// One record to append: bucket uid, lsn, [`super::log::Record`] bytes.
 pub type Entry<'a> = (u64, u64, &'a [u8]);
@@ -138,8 +157,8 @@ impl Wal {
         self.stats.clone()
     }
 
-    fn check(&self) -> io::Result<()> {
-        self.check.as_ref().map_or(Ok(()), |check| check())
+    fn check(&self, step: Step) -> io::Result<()> {
+        self.check.as_ref().map_or(Ok(()), |check| check(step))
     }
 
     /// Moves every valid record on disk into redb, then reuses the newest segment file
@@ -180,8 +199,10 @@ impl Wal {
         // can never be read again. Any others go.
         let keep = segments.split_off(segments.len().saturating_sub(2));
         for (_, path) in segments {
-            self.check().map_err(|e| self.error("remove", e))?;
+            self.check(Step::Remove)
+                .map_err(|e| self.error("remove", e))?;
             std::fs::remove_file(&path).map_err(|e| self.error("remove", e))?;
+            self.sync_dir()?;
         }
         for (no, path) in keep {
             let file = File::options()
@@ -240,12 +261,13 @@ impl Wal {
         for &(uid, lsn, record) in entries {
             encode(&mut self.buf, segment.no, uid, lsn, record)?;
         }
-        self.check().map_err(|e| self.error("write", e))?;
+        self.check(Step::Write)
+            .map_err(|e| self.error("write", e))?;
         segment
             .file
             .write_all_at(&self.buf, segment.pos)
             .map_err(|e| self.error("write", e))?;
-        self.check().map_err(|e| self.error("sync", e))?;
+        self.check(Step::Sync).map_err(|e| self.error("sync", e))?;
         segment
             .file
             .sync_data()
@@ -292,7 +314,8 @@ impl Wal {
     fn renumber(&mut self, segment: Segment) -> Result<Segment, StoreError> {
         let no = self.next_no;
         let path = self.dir.join(name(no));
-        self.check().map_err(|e| self.error("rename", e))?;
+        self.check(Step::Rename)
+            .map_err(|e| self.error("rename", e))?;
         std::fs::rename(&segment.path, &path).map_err(|e| self.error("rename", e))?;
         self.sync_dir()?;
         self.next_no = no + 1;
@@ -311,7 +334,8 @@ impl Wal {
         let no = self.next_no;
         let path = self.dir.join(name(no));
         let tmp = self.dir.join("new.tmp");
-        self.check().map_err(|e| self.error("create", e))?;
+        self.check(Step::Create)
+            .map_err(|e| self.error("create", e))?;
         std::fs::create_dir_all(&self.dir).map_err(|e| self.error("create", e))?;
         let file = File::options()
             .read(true)
@@ -334,11 +358,14 @@ impl Wal {
             sync_dir(parent).map_err(|e| self.error("sync", e))?;
         }
         if !used(db)? {
+            // Schema 2: a bucketlyd that does not know the WAL must not open the file.
             let tx = db.begin_write().map_err(store_io)?;
-            tx.open_table(META)
-                .map_err(store_io)?
-                .insert("wal", 1)
-                .map_err(store_io)?;
+            {
+                let mut meta = tx.open_table(META).map_err(store_io)?;
+                meta.insert("wal", 1).map_err(store_io)?;
+                meta.insert("schema_version", WAL_SCHEMA)
+                    .map_err(store_io)?;
+            }
             tx.commit().map_err(store_io)?;
         }
         self.next_no = no + 1;

@@ -650,7 +650,7 @@ fn enospc_if(fail: &AtomicBool) -> std::io::Result<()> {
 /// file failing the same way.
 fn faulty_store(path: &Path, fail: Arc<AtomicBool>) -> Store {
     let wal_fail = fail.clone();
-    let check: IoCheck = Arc::new(move || enospc_if(&wal_fail));
+    let check: IoCheck = Arc::new(move |_| enospc_if(&wal_fail));
     let wal = Wal::new(Wal::dir_beside(path), SEGMENT_BYTES, Some(check));
     let path = path.to_owned();
     Store::open_with(
