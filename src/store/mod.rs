@@ -3,8 +3,9 @@
 //!
 //! Tables:
 //! - `meta`: `schema_version` → u64. A file written by a newer schema is refused.
-//!   `wal` → 1 once the write-ahead directory ([`wal`]) holds a segment: from then on
-//!   the database does not open without that directory.
+//!   `wal` → the random id of the write-ahead directory ([`wal`]), set at its first
+//!   segment: from then on the database does not open without that directory, nor with
+//!   segments of another id in it.
 //! - `buckets`: bucket name → [`BucketSpec`] as JSON.
 //! - `users`: user name → [`crate::auth::UserRecord`] as JSON (password as an argon2id
 //!   PHC string, never in clear).
@@ -68,6 +69,13 @@ pub enum StoreError {
          without them"
     )]
     WalMissing(String),
+    /// The write-ahead directory holds a segment of another database.
+    #[error(
+        "the write-ahead segment {0} does not belong to this database (a database file \
+         restored or copied without its own write-ahead directory?): move it away, or put \
+         back the database file it belongs to"
+    )]
+    WalForeign(String),
     /// Any other I/O or transaction failure.
     #[error("database error: {0}")]
     Io(String),
@@ -428,6 +436,40 @@ mod tests {
         std::fs::remove_dir_all(&wal).expect("remove");
         std::fs::create_dir(&wal).expect("an empty directory");
         Store::open(&path).expect("an empty directory is the operator's choice");
+    }
+
+    #[test]
+    fn write_ahead_segments_of_another_database_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, b) = (dir.path().join("a.redb"), dir.path().join("b.redb"));
+        for path in [&a, &b] {
+            Store::open(path)
+                .expect("open")
+                .append_wal(&[(1, 1, b"r")])
+                .expect("append");
+        }
+        let theirs = std::fs::read_dir(dir.path().join("b.wal"))
+            .expect("ls")
+            .next()
+            .expect("a segment")
+            .expect("entry")
+            .path();
+        let copied = dir
+            .path()
+            .join("a.wal")
+            .join(theirs.file_name().expect("name"));
+        std::fs::copy(&theirs, &copied).expect("copy");
+        let err = Store::open(&a).err().expect("refused");
+        assert!(matches!(err, StoreError::WalForeign(_)), "{err}");
+        // A database that never had a write-ahead directory does not adopt one either.
+        let fresh = dir.path().join("c.redb");
+        drop(Store::open(&fresh).expect("open"));
+        std::fs::create_dir(dir.path().join("c.wal")).expect("mkdir");
+        std::fs::rename(&copied, dir.path().join("c.wal").join("x.wal")).expect("move");
+        let err = Store::open(&fresh).err().expect("refused");
+        assert!(matches!(err, StoreError::WalForeign(_)), "{err}");
+        std::fs::remove_file(dir.path().join("c.wal").join("x.wal")).expect("rm");
+        Store::open(&a).expect("opens once the foreign segment is gone");
     }
 
     /// A store at `path` whose write-ahead file fails `failing` steps with EIO.

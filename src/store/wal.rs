@@ -2,9 +2,10 @@
 //! acknowledged, with one `write` and one `fdatasync` per group commit.
 //!
 //! ```text
-//!  NAME.wal/00000000000000000007.wal   beside NAME.redb: the segment being written
-//!  NAME.wal/00000000000000000006.wal   the full one before it (two files, each
-//!                                      zero-filled once, then reused)
+//!  NAME.wal/ID-00000000000000000007.wal   beside NAME.redb: the segment being written
+//!  NAME.wal/ID-00000000000000000006.wal   the full one before it (two files, each
+//!                                         zero-filled once, then reused)
+//!  ID: the database's random id (hex), in its `meta` table
 //!  frame: crc32:u32le len:u32le uid:u64le lsn:u64le record[len]
 //!         crc32 over segment-number:u64le, then everything after the crc
 //! ```
@@ -77,6 +78,9 @@ pub type Entry<'a> = (u64, u64, &'a [u8]);
 /// The WAL directory and the segment being written.
 pub struct Wal {
     dir: PathBuf,
+    /// The database's id for its segments (`meta` `wal`), 0 before the first: a
+    /// directory that belongs to another database is refused, never mixed in.
+    id: u64,
     segment_bytes: u64,
     check: Option<IoCheck>,
     stats: Arc<WalStats>,
@@ -135,6 +139,7 @@ impl Wal {
     pub fn new(dir: PathBuf, segment_bytes: u64, check: Option<IoCheck>) -> Wal {
         Wal {
             dir,
+            id: 0,
             segment_bytes,
             check,
             stats: Arc::default(),
@@ -171,10 +176,11 @@ impl Wal {
         self.segment = None;
         self.sealed = None;
         self.spare = None;
-        if !self.dir.exists() && used(db)? {
+        self.id = wal_id(db)?;
+        if !self.dir.exists() && self.id != 0 {
             return Err(StoreError::WalMissing(self.dir.display().to_string()));
         }
-        let mut segments = self.segments().map_err(|e| self.error("read", e))?;
+        let mut segments = self.segments()?;
         let mut moved = 0;
         if !segments.is_empty() {
             let tx = db.begin_write().map_err(store_io)?;
@@ -313,7 +319,7 @@ impl Wal {
     /// Renames `segment` to the next number (its frames go stale) and syncs the directory.
     fn renumber(&mut self, segment: Segment) -> Result<Segment, StoreError> {
         let no = self.next_no;
-        let path = self.dir.join(name(no));
+        let path = self.dir.join(name(self.id, no));
         self.check(Step::Rename)
             .map_err(|e| self.error("rename", e))?;
         std::fs::rename(&segment.path, &path).map_err(|e| self.error("rename", e))?;
@@ -331,12 +337,30 @@ impl Wal {
     /// A new zero-filled segment; the database notes that it now depends on the
     /// directory.
     fn create(&mut self, db: &Database) -> Result<Segment, StoreError> {
-        let no = self.next_no;
-        let path = self.dir.join(name(no));
-        let tmp = self.dir.join("new.tmp");
         self.check(Step::Create)
             .map_err(|e| self.error("create", e))?;
         std::fs::create_dir_all(&self.dir).map_err(|e| self.error("create", e))?;
+        if let Some(parent) = self.dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent).map_err(|e| self.error("sync", e))?;
+        }
+        // The directory exists (on disk) before the database depends on it, and the
+        // database names its id before any segment carries it.
+        if self.id == 0 {
+            let id = new_id();
+            // Schema 2: a bucketlyd that does not know the WAL must not open the file.
+            let tx = db.begin_write().map_err(store_io)?;
+            {
+                let mut meta = tx.open_table(META).map_err(store_io)?;
+                meta.insert("wal", id).map_err(store_io)?;
+                meta.insert("schema_version", WAL_SCHEMA)
+                    .map_err(store_io)?;
+            }
+            tx.commit().map_err(store_io)?;
+            self.id = id;
+        }
+        let no = self.next_no;
+        let path = self.dir.join(name(self.id, no));
+        let tmp = self.dir.join("new.tmp");
         let file = File::options()
             .read(true)
             .write(true)
@@ -354,20 +378,6 @@ impl Wal {
         file.sync_all().map_err(|e| self.error("create", e))?;
         std::fs::rename(&tmp, &path).map_err(|e| self.error("create", e))?;
         self.sync_dir()?;
-        if let Some(parent) = self.dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-            sync_dir(parent).map_err(|e| self.error("sync", e))?;
-        }
-        if !used(db)? {
-            // Schema 2: a bucketlyd that does not know the WAL must not open the file.
-            let tx = db.begin_write().map_err(store_io)?;
-            {
-                let mut meta = tx.open_table(META).map_err(store_io)?;
-                meta.insert("wal", 1).map_err(store_io)?;
-                meta.insert("schema_version", WAL_SCHEMA)
-                    .map_err(store_io)?;
-            }
-            tx.commit().map_err(store_io)?;
-        }
         self.next_no = no + 1;
         self.published(no);
         Ok(Segment {
@@ -389,22 +399,30 @@ impl Wal {
     }
 
     /// The segment files, oldest first (none when the directory does not exist).
-    fn segments(&self) -> io::Result<Vec<(u64, PathBuf)>> {
+    ///
+    /// # Errors
+    /// [`StoreError::WalForeign`] for a segment that does not carry the database's id.
+    fn segments(&self) -> Result<Vec<(u64, PathBuf)>, StoreError> {
         let entries = match std::fs::read_dir(&self.dir) {
             Ok(entries) => entries,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(e),
+            Err(e) => return Err(self.error("read", e)),
         };
         let mut out = Vec::new();
         for entry in entries {
-            let path = entry?.path();
-            let no = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(SUFFIX))
-                .and_then(|n| n.parse::<u64>().ok());
-            if let Some(no) = no {
-                out.push((no, path));
+            let path = entry.map_err(|e| self.error("read", e))?.path();
+            let Some(file) = path.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            let Some(stem) = file.strip_suffix(SUFFIX) else {
+                continue;
+            };
+            let parsed = stem.split_once('-').and_then(|(id, no)| {
+                Some((u64::from_str_radix(id, 16).ok()?, no.parse::<u64>().ok()?))
+            });
+            match parsed {
+                Some((id, no)) if id == self.id && id != 0 => out.push((no, path)),
+                _ => return Err(StoreError::WalForeign(path.display().to_string())),
             }
         }
         out.sort_unstable();
@@ -416,16 +434,29 @@ impl Wal {
     }
 }
 
-/// Whether the database has had a write-ahead segment.
-fn used(db: &Database) -> Result<bool, StoreError> {
+/// The id of the database's write-ahead directory, 0 before it has one.
+fn wal_id(db: &Database) -> Result<u64, StoreError> {
     use redb::ReadableDatabase;
     let tx = db.begin_read().map_err(store_io)?;
     let meta = tx.open_table(META).map_err(store_io)?;
-    Ok(meta.get("wal").map_err(store_io)?.is_some())
+    Ok(meta.get("wal").map_err(store_io)?.map_or(0, |v| v.value()))
 }
 
-fn name(no: u64) -> String {
-    format!("{no:020}{SUFFIX}")
+/// A random, non-zero id (`RandomState` is seeded from the OS).
+fn new_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    hasher.finish().max(1)
+}
+
+/// A segment's file name: the database's id, then the segment number.
+fn name(id: u64, no: u64) -> String {
+    format!("{id:016x}-{no:020}{SUFFIX}")
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
