@@ -33,8 +33,9 @@ pub const DEFAULT_MAX_BUCKETS: usize = 10_000;
 pub const DEFAULT_LUA_MEMORY: usize = 64 * 1024 * 1024;
 /// Time budget of one handler call (one event's `send`, a `view`, a `dump`, `init`).
 pub const DEFAULT_LUA_TIME: std::time::Duration = std::time::Duration::from_millis(100);
-/// Size of the durable log's write-ahead segment ([`crate::store::wal`]), zero-filled
-/// once. When it is full, the records no snapshot covers move into the database file.
+/// Size of each of the durable log's two write-ahead segments ([`crate::store::wal`]),
+/// zero-filled once and reused in turn. When a segment is reused, the records in it
+/// that no snapshot covers move into the database file.
 pub const DEFAULT_WAL_SEGMENT: u64 = crate::store::wal::SEGMENT_BYTES;
 /// Smallest `--wal-segment-kib` (64 KiB).
 pub const MIN_WAL_SEGMENT: u64 = 64 * 1024;
@@ -132,12 +133,6 @@ impl Config {
         let mut dir = self.database.clone();
         dir.set_extension("exec");
         dir
-    }
-
-    /// The durable log's write-ahead directory: `NAME.wal` beside the database file
-    /// `NAME.redb`.
-    pub fn wal_dir(&self) -> PathBuf {
-        crate::store::wal::Wal::dir_beside(&self.database)
     }
 
     /// The number of connection (async runtime) threads to start. Half the cores by

@@ -358,8 +358,6 @@ impl Wal {
             tx.commit().map_err(store_io)?;
             self.id = id;
         }
-        let no = self.next_no;
-        let path = self.dir.join(name(self.id, no));
         let tmp = self.dir.join("new.tmp");
         let file = File::options()
             .read(true)
@@ -376,13 +374,10 @@ impl Wal {
             at += zeros.len() as u64;
         }
         file.sync_all().map_err(|e| self.error("create", e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| self.error("create", e))?;
-        self.sync_dir()?;
-        self.next_no = no + 1;
-        self.published(no);
-        Ok(Segment {
-            no,
-            path,
+        // Named (and numbered) only once it is whole.
+        self.renumber(Segment {
+            no: 0,
+            path: tmp,
             file,
             pos: 0,
             len: at,
