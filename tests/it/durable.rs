@@ -306,6 +306,17 @@ async fn kill_9_with_small_write_ahead_segments() {
     );
 }
 
+// The same over 200 kill cycles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long: 200 kill cycles"]
+async fn kill_9_with_small_write_ahead_segments_long() {
+    let seals = crash_cycles(200, &["--wal-segment-kib", "64"]).await;
+    assert!(
+        seals >= 200,
+        "only {seals} segment(s) filled before the kills"
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 
 // Once a DUMP of a durable counter has been answered, a SIGKILL and restart bring back
