@@ -295,26 +295,26 @@ async fn kill_9_loses_no_acknowledged_event_long() {
     crash_cycles(200, &[]).await;
 }
 
-// The crash harness with write-ahead segments of 64 KiB, so that many fill up and their
-// records move into the database file while the sends go on and the kills land.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_with_small_write_ahead_segments() {
-    let seals = crash_cycles(15, &["--wal-segment-kib", "64"]).await;
+/// The crash harness over `cycles` with write-ahead segments of 64 KiB, so that many
+/// fill up and their records move into the database file while the sends go on and the
+/// kills land; at least one segment per cycle must have filled.
+async fn small_segment_cycles(cycles: u32) {
+    let seals = crash_cycles(cycles, &["--wal-segment-kib", "64"]).await;
     assert!(
-        seals >= 15,
+        seals >= u64::from(cycles),
         "only {seals} segment(s) filled before the kills"
     );
 }
 
-// The same over 200 kill cycles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_with_small_write_ahead_segments() {
+    small_segment_cycles(15).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "long: 200 kill cycles"]
 async fn kill_9_with_small_write_ahead_segments_long() {
-    let seals = crash_cycles(200, &["--wal-segment-kib", "64"]).await;
-    assert!(
-        seals >= 200,
-        "only {seals} segment(s) filled before the kills"
-    );
+    small_segment_cycles(200).await;
 }
 
 // ---------------------------------------------------------------------------------------
