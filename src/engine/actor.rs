@@ -34,7 +34,7 @@ use crate::store::log::{Completion, DurableLog, Outcome, Record, SEND_TAG};
 use crate::store::{Store, StoreError};
 
 use super::bucket::{BucketMsg, BucketShared, EncodedAnswers, Reply};
-use super::durable::{Durable, Recovery};
+use super::durable::{not_written, Durable, Recovery};
 use super::exec::{ExecSink, Run};
 use super::options::{BucketOptions, Schedule};
 use super::outbox::{Outbox, Sender};
@@ -121,12 +121,6 @@ pub(crate) struct Actor {
     first_window_ms: u64,
     /// The two-phase dump's pending take ([`super::take`]).
     takes: Takes,
-}
-
-/// The answer to a durable request whose record did not commit.
-fn not_written(id: u32, e: &StoreError) -> Response {
-    let msg = format!("not written to disk, so not acknowledged: {e}");
-    Response::error(id, ErrorCode::StorageError, &msg)
 }
 
 /// A completion that sends `response` (or the failure) to `reply`.
@@ -273,19 +267,30 @@ impl Actor {
             first_window_ms: init.first_window_ms,
             takes: Takes::new(init.first_window_ms),
         };
-        actor.shared.lane.attach(actor.instance.shared_native());
+        actor.attach_lane(env);
         actor.configure(init.options, env, now);
         actor
     }
 
+    /// Gives the fast lane ([`super::lane`]) the handler's native state, if it has one,
+    /// and a durable bucket's log.
+    fn attach_lane(&self, env: &ActorEnv) {
+        let log = self.durable.as_ref().map(|d| d.lane_log(&env.log));
+        self.shared.lane.attach(self.instance.shared_native(), log);
+    }
+
     /// Counts the events connections applied through the lane ([`super::lane`]) as if
     /// they had come through the mailbox, and opens or closes the lane for what follows:
-    /// it is open for a native handler of an in-memory bucket without an exec sink or a
-    /// threshold schedule. Called at the start of every message and tick.
+    /// it is open for a native handler without an exec sink or a threshold schedule.
+    /// Called at the start of every message and tick.
     fn sync_lane(&mut self) {
-        let open = self.durable.is_none()
-            && self.exec.is_none()
-            && !matches!(self.options.schedule(), Schedule::Threshold { .. });
+        let open =
+            self.exec.is_none() && !matches!(self.options.schedule(), Schedule::Threshold { .. });
+        self.take_lane_events(open);
+    }
+
+    /// Counts the events the lane applied, and leaves it `open` or closed.
+    fn take_lane_events(&mut self, open: bool) {
         let events = self.instance.take_inline_events(open);
         if events > 0 {
             self.trigger.add_pending(events, Instant::now());
@@ -436,7 +441,7 @@ impl Actor {
             }
             BucketMsg::Stop => {
                 self.instance.take_inline_events(false);
-                self.shared.lane.attach(None);
+                self.shared.lane.attach(None, None);
                 let msg = format!("bucket {:?} was dropped", self.name);
                 self.subscribers.end_all(ErrorCode::NoSuchBucket, &msg);
                 if let Some(d) = &self.durable {
@@ -854,6 +859,9 @@ impl Actor {
 
     /// Graceful shutdown: a durable bucket snapshots its state.
     pub fn shutdown(&mut self, env: &ActorEnv) {
+        // Not a message: the lane may be applying. Closed, it cannot change the state
+        // between the snapshot's lsn and its encoding.
+        self.take_lane_events(false);
         if let Some(d) = &mut self.durable {
             d.snapshot(env, &self.instance, &self.takes, self.seq, &self.name);
         }
@@ -882,9 +890,13 @@ impl Actor {
         let uid = d.uid;
         let started = Instant::now();
         if fresh {
+            // Not a message: the lane may be applying, to the state about to be replaced.
+            // Closed first, it cannot log events that the new state never sees; the
+            // events it applied are counted again by the replay.
+            self.instance.take_inline_events(false);
             self.instance = HandlerInstance::new(&self.handler, &self.config, &self.limits)
                 .map_err(|e| e.to_string())?;
-            self.shared.lane.attach(self.instance.shared_native());
+            self.attach_lane(env);
             self.retained.clear();
             self.retained_bytes = 0;
             self.awaiting.clear();

@@ -2,7 +2,9 @@
 //! records, taking snapshots, and counting what is in flight.
 //!
 //! The actor applies a request to the handler state, then queues its record; the answer
-//! (or, for a flush, the delivery of the output) waits for the commit. Records are queued
+//! (or, for a flush, the delivery of the output) waits for the commit. SENDs the fast
+//! lane applies (`super::lane`) are numbered and queued the same way, by the connection,
+//! through [`LaneLog`]. Records are queued
 //! in the order the actor applied them and the writer commits in queue order, so the log
 //! replays to the same state. A record whose commit fails leaves the in-memory state
 //! ahead of the disk: the bucket is then *diverged* and refuses durable work until it
@@ -12,10 +14,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
+use tokio::sync::oneshot;
+
+use crate::protocol::{ErrorCode, Response};
 use crate::script::HandlerInstance;
-use crate::store::log::{Completion, Op};
+use crate::store::log::{Completion, DurableLog, Op, Outcome};
+use crate::store::StoreError;
 
 use super::actor::ActorEnv;
+use super::bucket::EncodedAnswers;
 use super::take::Takes;
 
 /// Records between snapshots: bounds the log, and so the recovery time.
@@ -40,29 +48,146 @@ pub struct Recovery {
 
 pub(crate) struct Durable {
     pub uid: u64,
-    /// The last lsn given out.
-    pub lsn: u64,
+    /// Where the bucket's records stand, shared with the fast lane.
+    pos: Arc<Position>,
     pub snapshot_lsn: u64,
-    since_snapshot: u64,
-    bytes_since: usize,
-    in_flight: Arc<AtomicU64>,
-    diverged: Arc<AtomicBool>,
     snapshot_error: Option<String>,
     pub recovery: Option<Recovery>,
+}
+
+/// A durable bucket's place in its log. The actor writes it while it handles a message
+/// or tick, the fast lane ([`LaneLog`]) under the native state's lock while the actor is
+/// idle: never both at once (`engine::lane`).
+#[derive(Default)]
+pub(crate) struct Position {
+    /// The last lsn given out.
+    lsn: AtomicU64,
+    since_snapshot: AtomicU64,
+    bytes_since: AtomicU64,
+    in_flight: AtomicU64,
+    diverged: AtomicBool,
+}
+
+impl Position {
+    /// Numbers a record of `bytes` as the next lsn.
+    fn next(&self, bytes: usize) -> u64 {
+        self.since_snapshot.fetch_add(1, Ordering::AcqRel);
+        self.bytes_since.fetch_add(bytes as u64, Ordering::AcqRel);
+        self.lsn.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    fn lsn(&self) -> u64 {
+        self.lsn.load(Ordering::Acquire)
+    }
+
+    fn snapshot_due(&self) -> bool {
+        self.since_snapshot.load(Ordering::Acquire) >= SNAPSHOT_EVERY_RECORDS
+            || self.bytes_since.load(Ordering::Acquire) >= SNAPSHOT_EVERY_BYTES as u64
+    }
+
+    fn snapshotted(&self, records_since: u64) {
+        self.since_snapshot.store(records_since, Ordering::Release);
+        self.bytes_since.store(0, Ordering::Release);
+    }
+
+    /// Counts an op in flight until its completion, and marks the bucket diverged if it
+    /// fails.
+    fn track(self: &Arc<Self>, done: Option<Completion>) -> Completion {
+        let pos = self.clone();
+        pos.in_flight.fetch_add(1, Ordering::AcqRel);
+        Box::new(move |outcome| {
+            if outcome.is_err() {
+                pos.diverged.store(true, Ordering::Release);
+            }
+            if let Some(done) = done {
+                done(outcome);
+            }
+            pos.in_flight.fetch_sub(1, Ordering::AcqRel);
+        })
+    }
+}
+
+/// The answer to a durable request whose record did not commit.
+pub(crate) fn not_written(id: u32, e: &StoreError) -> Response {
+    let msg = format!("not written to disk, so not acknowledged: {e}");
+    Response::error(id, ErrorCode::StorageError, &msg)
+}
+
+/// What the fast lane needs to log the SENDs it applies to a durable bucket. The lane
+/// calls it under the native state's lock, so its records are numbered and queued in the
+/// order their events were applied, and before anything the actor queues once it has
+/// taken the lock after them.
+pub(crate) struct LaneLog {
+    uid: u64,
+    pos: Arc<Position>,
+    log: Arc<DurableLog>,
+}
+
+impl LaneLog {
+    /// Whether the lane may log now. Not when the bucket must refuse durable work, nor
+    /// when a snapshot is due (the actor takes it), nor when the writer's queue is half
+    /// full (a connection's thread must not wait there): the SENDs are then posted to
+    /// the actor, which answers, snapshots or waits.
+    pub fn open(&self) -> bool {
+        !self.pos.diverged.load(Ordering::Acquire)
+            && self.log.health.is_healthy()
+            && !self.pos.snapshot_due()
+            && self.log.has_room()
+    }
+
+    /// Queues `record` as the bucket's next lsn. The receiver gets `answers` once it has
+    /// committed, or each of the frames `ids` refused if it failed.
+    pub fn append(
+        &self,
+        record: Vec<u8>,
+        answers: EncodedAnswers,
+        ids: Vec<u32>,
+    ) -> oneshot::Receiver<EncodedAnswers> {
+        let (tx, rx) = oneshot::channel();
+        let lsn = self.pos.next(record.len());
+        let done = self.pos.track(Some(Box::new(move |outcome: Outcome<'_>| {
+            let answers = match outcome {
+                Ok(()) => answers,
+                Err(e) => {
+                    let mut frames = BytesMut::new();
+                    for &id in &ids {
+                        not_written(id, e).encode(&mut frames);
+                    }
+                    EncodedAnswers {
+                        count: ids.len(),
+                        frames: frames.freeze(),
+                    }
+                }
+            };
+            let _ = tx.send(answers);
+        })));
+        self.log.submit(Op::Append {
+            uid: self.uid,
+            lsn,
+            record,
+            done: Some(done),
+        });
+        rx
+    }
 }
 
 impl Durable {
     pub fn new(uid: u64) -> Durable {
         Durable {
             uid,
-            lsn: 0,
+            pos: Arc::default(),
             snapshot_lsn: 0,
-            since_snapshot: 0,
-            bytes_since: 0,
-            in_flight: Arc::default(),
-            diverged: Arc::default(),
             snapshot_error: None,
             recovery: None,
+        }
+    }
+
+    /// What the fast lane needs to log for this bucket to `log`.
+    pub fn lane_log(&self, log: &Arc<DurableLog>) -> LaneLog {
+        LaneLog {
+            uid: self.uid,
+            pos: self.pos.clone(),
+            log: log.clone(),
         }
     }
 
@@ -74,7 +199,7 @@ impl Durable {
                  it is retried, and the bucket reloads from disk once it can be written"
             ));
         }
-        if self.diverged.load(Ordering::Acquire) {
+        if self.is_diverged() {
             return Some(
                 "a durable write of this bucket failed; it reloads from disk once the \
                  database can be written again"
@@ -85,58 +210,40 @@ impl Durable {
     }
 
     pub fn is_diverged(&self) -> bool {
-        self.diverged.load(Ordering::Acquire)
+        self.pos.diverged.load(Ordering::Acquire)
     }
 
     /// The lsn the next record gets.
     pub fn next_lsn(&self) -> u64 {
-        self.lsn + 1
+        self.pos.lsn() + 1
     }
 
     /// Queues `record` as the next lsn; `done` runs after its commit (or failure).
     pub fn append(&mut self, env: &ActorEnv, record: Vec<u8>, done: Option<Completion>) -> u64 {
-        self.lsn += 1;
-        self.since_snapshot += 1;
-        self.bytes_since += record.len();
-        let done = self.track(done);
+        let lsn = self.pos.next(record.len());
+        let done = self.pos.track(done);
         env.log.submit(Op::Append {
             uid: self.uid,
-            lsn: self.lsn,
+            lsn,
             record,
             done: Some(done),
         });
-        self.lsn
+        lsn
     }
 
     /// Runs `done` once every op queued before now has committed (or failed).
     pub fn barrier(&mut self, env: &ActorEnv, done: Completion) {
-        let done = self.track(Some(done));
+        let done = self.pos.track(Some(done));
         env.log.submit(Op::Barrier {
             uid: self.uid,
-            lsn: self.lsn,
+            lsn: self.pos.lsn(),
             done: Some(done),
         });
     }
 
-    /// Counts the op in flight until its completion, and marks the bucket diverged if
-    /// it fails.
-    fn track(&self, done: Option<Completion>) -> Completion {
-        let (in_flight, diverged) = (self.in_flight.clone(), self.diverged.clone());
-        in_flight.fetch_add(1, Ordering::AcqRel);
-        Box::new(move |outcome| {
-            if outcome.is_err() {
-                diverged.store(true, Ordering::Release);
-            }
-            if let Some(done) = done {
-                done(outcome);
-            }
-            in_flight.fetch_sub(1, Ordering::AcqRel);
-        })
-    }
-
     /// Whether enough has been logged since the last snapshot to take one.
     pub fn snapshot_due(&self) -> bool {
-        self.since_snapshot >= SNAPSHOT_EVERY_RECORDS || self.bytes_since >= SNAPSHOT_EVERY_BYTES
+        self.pos.snapshot_due()
     }
 
     /// Stores the state (the take header, then the handler state) as of the last
@@ -149,11 +256,11 @@ impl Durable {
         seq: u64,
         bucket: &str,
     ) {
-        if self.lsn == self.snapshot_lsn || self.unavailable(env).is_some() {
+        let lsn = self.pos.lsn();
+        if lsn == self.snapshot_lsn || self.unavailable(env).is_some() {
             return;
         }
-        self.since_snapshot = 0;
-        self.bytes_since = 0;
+        self.pos.snapshotted(0);
         let started = Instant::now();
         match instance.snapshot() {
             Ok(handler_state) => {
@@ -164,16 +271,16 @@ impl Durable {
                 tracing::debug!(
                     bucket,
                     bytes = state.len(),
-                    lsn = self.lsn,
+                    lsn,
                     "snapshot encoded in {} ms",
                     started.elapsed().as_millis()
                 );
                 self.snapshot_error = None;
-                self.snapshot_lsn = self.lsn;
-                let done = self.track(None);
+                self.snapshot_lsn = lsn;
+                let done = self.pos.track(None);
                 env.log.submit(Op::Snapshot {
                     uid: self.uid,
-                    lsn: self.lsn,
+                    lsn,
                     seq,
                     state,
                     done: Some(done),
@@ -200,7 +307,7 @@ impl Durable {
     /// all it ever will of them. False if that takes longer than [`DRAIN_WAIT`].
     pub fn drain(&self) -> bool {
         let until = Instant::now() + DRAIN_WAIT;
-        while self.in_flight.load(Ordering::Acquire) > 0 {
+        while self.pos.in_flight.load(Ordering::Acquire) > 0 {
             if Instant::now() >= until {
                 return false;
             }
@@ -211,22 +318,21 @@ impl Durable {
 
     /// A reload from disk succeeded: the bucket is in step with the disk again.
     pub fn reloaded(&mut self, lsn: u64, snapshot_lsn: u64, recovery: Recovery) {
-        self.lsn = lsn;
+        self.pos.lsn.store(lsn, Ordering::Release);
         self.snapshot_lsn = snapshot_lsn;
-        self.since_snapshot = recovery.records;
-        self.bytes_since = 0;
+        self.pos.snapshotted(recovery.records);
         self.recovery = Some(recovery);
-        self.diverged.store(false, Ordering::Release);
+        self.pos.diverged.store(false, Ordering::Release);
     }
 
     /// INFO fields.
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "uid": self.uid,
-            "lsn": self.lsn,
+            "lsn": self.pos.lsn(),
             "snapshot_lsn": self.snapshot_lsn,
-            "records_since_snapshot": self.since_snapshot,
-            "in_flight": self.in_flight.load(Ordering::Relaxed),
+            "records_since_snapshot": self.pos.since_snapshot.load(Ordering::Relaxed),
+            "in_flight": self.pos.in_flight.load(Ordering::Relaxed),
             "diverged": self.is_diverged(),
             "snapshot_error": self.snapshot_error,
             "recovered": self.recovery.as_ref().map(|r| serde_json::json!({

@@ -2,9 +2,10 @@
 //! through the bucket's mailbox and handler thread.
 //!
 //! It is open only for a bucket whose handler runs natively (`counter`, `unique`), that
-//! is in memory, has no exec sink and no threshold schedule: there a SEND changes the
-//! native state and a few counters and nothing else. The actor opens and closes it
-//! ([`HandlerInstance::take_inline_events`]) as its options change.
+//! has no exec sink and no threshold schedule: there a SEND changes the native state and
+//! a few counters, and for a durable bucket adds one record to the log, and nothing
+//! else. The actor opens and closes it ([`HandlerInstance::take_inline_events`]) as its
+//! options change.
 //!
 //! The bucket stays one serial actor:
 //! - the native state is behind its lock, which the lane holds for a whole group of
@@ -17,6 +18,12 @@
 //!   the start of its next message or tick, under the same lock, so flush counts, take
 //!   counts and INFO `pending` are what they would have been through the mailbox.
 //!
+//! For a durable bucket the lane numbers and queues one record for the whole group while
+//! it still holds the lock ([`LaneLog`]), so the log holds the bucket's records in the
+//! order their events were applied, as the actor's own records are; the answers go out
+//! once it has committed. It posts instead whenever the actor must decide: the bucket
+//! refusing durable work, a snapshot due, the writer's queue half full.
+//!
 //! The lane never waits for the actor's queue: if the actor has work queued, the frames
 //! are posted as usual. It waits at most [`LOCK_WAIT`] for the lock (held by another
 //! connection's group, or briefly by the actor), then posts. And it takes only groups of
@@ -25,16 +32,20 @@
 //! goes to the handler thread.
 //!
 //! [`HandlerInstance::take_inline_events`]: crate::script::HandlerInstance
+//! [`LaneLog`]: super::durable::LaneLog
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::BytesMut;
+use tokio::sync::oneshot;
 
 use crate::protocol::{SendBatch, SendOutcome};
 use crate::script::SharedNative;
+use crate::store::log::SEND_TAG;
 
 use super::bucket::{BucketStats, EncodedAnswers};
+use super::durable::LaneLog;
 
 /// Longest the lane waits for the state's lock before posting instead.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_micros(50);
@@ -46,7 +57,21 @@ pub(crate) const MAX_LANE_EVENTS: usize = 8192;
 #[derive(Default)]
 pub(crate) struct Lane {
     queued: AtomicUsize,
-    native: parking_lot::RwLock<Option<Arc<SharedNative>>>,
+    attached: parking_lot::RwLock<Option<Arc<Attached>>>,
+}
+
+/// The state the lane applies to, and for a durable bucket the log it writes to.
+struct Attached {
+    native: Arc<SharedNative>,
+    log: Option<LaneLog>,
+}
+
+/// SENDs the lane applied.
+pub(crate) enum Applied {
+    /// Their answers, to send now.
+    Now(EncodedAnswers),
+    /// A durable bucket's: their answers once their record has committed.
+    AfterCommit(oneshot::Receiver<EncodedAnswers>),
 }
 
 impl std::fmt::Debug for Lane {
@@ -80,30 +105,28 @@ impl Lane {
         self.queued.fetch_sub(1, Ordering::SeqCst);
     }
 
-    /// The native state connections may apply to, if the handler has one. Whether they
-    /// may now is the state's `open` flag.
-    pub fn attach(&self, native: Option<Arc<SharedNative>>) {
-        *self.native.write() = native;
+    /// The native state connections may apply to, if the handler has one, and the log
+    /// of a durable bucket. Whether they may now is the state's `open` flag.
+    pub fn attach(&self, native: Option<Arc<SharedNative>>, log: Option<LaneLog>) {
+        *self.attached.write() = native.map(|native| Arc::new(Attached { native, log }));
     }
 
-    /// Applies consecutive SEND frames here if the lane is open and the actor idle; their
-    /// encoded answers then. `None`: post them.
-    pub fn try_apply(
-        &self,
-        items: &[(u32, SendBatch)],
-        stats: &BucketStats,
-    ) -> Option<EncodedAnswers> {
-        if self.queued.load(Ordering::SeqCst) != 0
-            || items.iter().map(|(_, b)| b.len()).sum::<usize>() > MAX_LANE_EVENTS
-        {
+    /// Applies consecutive SEND frames here if the lane is open and the actor idle.
+    /// `None`: post them.
+    pub fn try_apply(&self, items: &[(u32, SendBatch)], stats: &BucketStats) -> Option<Applied> {
+        let events: usize = items.iter().map(|(_, b)| b.len()).sum();
+        if self.queued.load(Ordering::SeqCst) != 0 || events > MAX_LANE_EVENTS {
             return None;
         }
-        let native = self.native.read().clone()?;
+        let attached = self.attached.read().clone()?;
         // While nothing is queued the lock's other holders are other connections' groups
         // and the actor's brief bookkeeping, so a short wait is worth it; a message posted
         // meanwhile may make the actor hold it for long, hence the bound.
-        let mut state = native.try_lock_for(LOCK_WAIT)?;
-        if !state.open || self.queued.load(Ordering::SeqCst) != 0 {
+        let mut state = attached.native.try_lock_for(LOCK_WAIT)?;
+        if !state.open
+            || self.queued.load(Ordering::SeqCst) != 0
+            || attached.log.as_ref().is_some_and(|log| !log.open())
+        {
             return None;
         }
         let mut frames = BytesMut::with_capacity(items.len() * 19);
@@ -129,12 +152,33 @@ impl Lane {
         stats.pending.fetch_add(accepted, Ordering::Relaxed);
         let memory = state.native.memory_used() as u64;
         stats.memory.store(memory, Ordering::Relaxed);
-        drop(state);
-        Some(EncodedAnswers {
+        let answers = EncodedAnswers {
             count: items.len(),
             frames: frames.freeze(),
-        })
+        };
+        let Some(log) = &attached.log else {
+            return Some(Applied::Now(answers));
+        };
+        // Queued before the lock is released: see the module docs.
+        let record = group_record(items, events);
+        let ids = items.iter().map(|(id, _)| *id).collect();
+        let rx = log.append(record, answers, ids);
+        drop(state);
+        Some(Applied::AfterCommit(rx))
     }
+}
+
+/// One SEND record of every event of the group (`SEND_TAG count events`), as the actor
+/// gathers a group's records into one.
+fn group_record(items: &[(u32, SendBatch)], events: usize) -> Vec<u8> {
+    let bytes: usize = items.iter().map(|(_, b)| b.wire_len()).sum();
+    let mut record = Vec::with_capacity(5 + bytes);
+    record.push(SEND_TAG);
+    record.extend_from_slice(&(events as u32).to_be_bytes());
+    for (_, batch) in items {
+        batch.write_events(&mut record);
+    }
+    record
 }
 
 #[cfg(test)]
@@ -165,11 +209,13 @@ mod tests {
             lane.try_apply(&group, &stats).is_none(),
             "no state attached"
         );
-        lane.attach(instance.shared_native());
+        lane.attach(instance.shared_native(), None);
         assert!(lane.try_apply(&group, &stats).is_none(), "attached closed");
         assert_eq!(instance.take_inline_events(true), 0);
 
-        let answers = lane.try_apply(&group, &stats).expect("applied");
+        let Some(Applied::Now(answers)) = lane.try_apply(&group, &stats) else {
+            panic!("applied at once");
+        };
         assert_eq!(answers.count, 3);
         assert_eq!(stats.events.load(Ordering::Relaxed), 12);
         assert_eq!(stats.sends.load(Ordering::Relaxed), 3);
@@ -191,5 +237,54 @@ mod tests {
         assert_eq!(instance.take_inline_events(false), 0);
         assert!(lane.try_apply(&group, &stats).is_none(), "closed again");
         assert_eq!(stats.events.load(Ordering::Relaxed), 12);
+    }
+
+    #[test]
+    fn a_durable_group_is_one_record_answered_after_its_commit() {
+        use crate::store::log::{DurableLog, Record};
+        use crate::store::Store;
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(Store::open(&dir.path().join("db.redb")).expect("open"));
+        let log = Arc::new(DurableLog::start(store.clone(), Box::new(|| {})).expect("writer"));
+        let (lane, stats, instance) = (Lane::default(), BucketStats::default(), counter());
+        let durable = super::super::durable::Durable::new(7);
+        lane.attach(instance.shared_native(), Some(durable.lane_log(&log)));
+        instance.take_inline_events(true);
+
+        let group = frames(3, 4);
+        for lsn in 1..=2 {
+            let Some(Applied::AfterCommit(rx)) = lane.try_apply(&group, &stats) else {
+                panic!("a durable group waits for its commit");
+            };
+            let answers = rx.blocking_recv().expect("answered after the commit");
+            assert_eq!(answers.count, 3);
+            assert_eq!(durable.next_lsn(), lsn + 1, "one lsn for the group");
+        }
+        assert_eq!(instance.take_inline_events(false), 24);
+
+        log.shutdown();
+        store.reopen().expect("reopen moves the write-ahead file");
+        let mut records = Vec::new();
+        store
+            .replay(7, 0, |lsn, bytes| {
+                records.push((lsn, bytes.to_vec()));
+                Ok(())
+            })
+            .expect("replay");
+        assert_eq!(records.len(), 2, "one record per group");
+        let Ok(Record::Send(batch)) = Record::decode(&records[0].1) else {
+            panic!("a SEND record");
+        };
+        let events: Vec<Vec<u8>> = SendBatch::from_record(batch)
+            .expect("batch")
+            .iter()
+            .map(<[u8]>::to_vec)
+            .collect();
+        let sent: Vec<Vec<u8>> = group
+            .iter()
+            .flat_map(|(_, b)| b.iter().map(<[u8]>::to_vec).collect::<Vec<_>>())
+            .collect();
+        assert_eq!(events, sent, "every event of the group, in order");
     }
 }

@@ -34,6 +34,7 @@ pub use bucket::{
 };
 pub use durable::{SNAPSHOT_EVERY_BYTES, SNAPSHOT_EVERY_RECORDS};
 pub use exec::{ExecStats, MAX_KEPT_RUNS, QUEUE_RUNS};
+pub(crate) use lane::Applied;
 pub use options::{requested_sinks, BucketOptions, Schedule};
 pub use outbox::{MAX_HOPS, MAX_OUTBOX_EVENTS};
 pub use stats::ServerStats;

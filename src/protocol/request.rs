@@ -343,6 +343,12 @@ impl SendBatch {
         out.extend_from_slice(&self.data);
     }
 
+    /// Appends the events alone (without the count) to `out`: to join batches into one
+    /// record.
+    pub fn write_events(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.data);
+    }
+
     /// Reads what [`SendBatch::to_record`] wrote.
     ///
     /// # Errors

@@ -33,7 +33,7 @@ use crate::auth::Permission;
 use crate::auth::Session;
 use crate::config::{Config, HANDSHAKE_TIMEOUT_SECS};
 use crate::engine::{push_channel, Push, PushKind, PushStream, PUSH_QUEUE};
-use crate::engine::{BucketMsg, EncodedAnswers};
+use crate::engine::{Applied, BucketMsg, EncodedAnswers};
 use crate::protocol::frame::check_frame;
 use crate::protocol::handshake::{not_a_hello_message, FLAG_LOGIN_REQUIRED, MAX_HELLO_LEN};
 use crate::protocol::{
@@ -455,7 +455,11 @@ impl<S: Stream> Reader<S> {
             }
             // Applied right here when the bucket allows it and is idle (`engine::lane`).
             Ok(handle) => match handle.shared.lane.try_apply(&items, &handle.shared.stats) {
-                Some(answers) => Pending::Encoded(answers),
+                Some(Applied::Now(answers)) => Pending::Encoded(answers),
+                Some(Applied::AfterCommit(rx)) => Pending::WaitingMany {
+                    ids: items.iter().map(|(id, _)| *id).collect(),
+                    rx,
+                },
                 // One frame (the unpipelined case): a plain SEND, nothing to gather.
                 None if items.len() == 1 => {
                     let (id, batch) = items.remove(0);

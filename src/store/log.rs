@@ -271,6 +271,11 @@ impl Health {
         Some(self.error.lock().clone().unwrap_or_default())
     }
 
+    /// Whether writes are possible, without the reason: for the hot path.
+    pub fn is_healthy(&self) -> bool {
+        !self.failed.load(Ordering::Acquire)
+    }
+
     fn latch(&self, e: &StoreError) {
         *self.error.lock() = Some(e.to_string());
         self.failed.store(true, Ordering::Release);
@@ -346,6 +351,16 @@ impl DurableLog {
                 done(Err(&StoreError::Io("the durable log has stopped".into())));
             }
         }
+    }
+
+    /// Whether the queue is at most half full, so that an op queued now is very unlikely
+    /// to wait: what a caller that must not block for long (a connection's thread, in the
+    /// durable fast lane) checks before it commits to queueing one.
+    pub fn has_room(&self) -> bool {
+        self.tx
+            .lock()
+            .as_ref()
+            .is_some_and(|tx| tx.len() < QUEUE_OPS / 2)
     }
 
     /// Commits what is queued and stops the writer. Call after every producer stopped.

@@ -1,7 +1,8 @@
-//! The fast lane (`engine::lane`): SENDs to an in-memory native bucket applied by the
-//! connection itself. The bucket must still behave as one serial actor: a SEND never
-//! overtakes what its connection asked before it, and flushes, takes and INFO count the
-//! lane's events exactly as if they had come through the mailbox.
+//! The fast lane (`engine::lane`): SENDs to a native bucket applied by the connection
+//! itself. The bucket must still behave as one serial actor: a SEND never overtakes what
+//! its connection asked before it, and flushes, takes and INFO count the lane's events
+//! exactly as if they had come through the mailbox. A durable bucket's lane records are
+//! in the log in that same order (`tests/it/durable.rs` restarts from them).
 
 use bucketly::client::PendingReply;
 use bucketly::protocol::Command;
@@ -38,9 +39,21 @@ async fn number(pending: PendingReply) -> u64 {
 // the SEND could be applied by the connection at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_send_never_overtakes_a_request_sent_before_it() {
+    never_overtakes(json!({})).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_send_never_overtakes_a_request_sent_before_it() {
+    never_overtakes(json!({"durable": true})).await;
+}
+
+async fn never_overtakes(options: Value) {
     let server = TestServer::start().await;
     let client = server.client().await;
-    client.create("c", "counter", None).await.expect("create");
+    client
+        .create_with("c", "counter", None, &options)
+        .await
+        .expect("create");
     let mut rounds = Vec::new();
     for _ in 0..300 {
         let before = client.start(view_key("c", "k")).await.expect("view");
@@ -60,12 +73,26 @@ async fn a_send_never_overtakes_a_request_sent_before_it() {
 // exactly one take, and each take's `events` is what its output holds; INFO agrees.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn takes_count_every_event_sent_beside_them() {
+    takes_count_every_event(json!({})).await;
+}
+
+// The same for a durable bucket, whose takes and releases are records between the
+// lane's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_takes_count_every_event_sent_beside_them() {
+    takes_count_every_event(json!({"durable": true})).await;
+}
+
+async fn takes_count_every_event(options: Value) {
     const SENDERS: u64 = 4;
     const FRAMES: u64 = 300;
     const EVENTS: u64 = 5;
     let server = TestServer::start().await;
     let admin = server.client().await;
-    admin.create("c", "counter", None).await.expect("create");
+    admin
+        .create_with("c", "counter", None, &options)
+        .await
+        .expect("create");
     let mut senders = Vec::new();
     for s in 0..SENDERS {
         let client = server.client().await;
