@@ -275,6 +275,10 @@ impl Actor {
     /// Gives the fast lane ([`super::lane`]) the handler's native state, if it has one,
     /// and a durable bucket's log.
     fn attach_lane(&self, env: &ActorEnv) {
+        if let Some(d) = &self.durable {
+            // Set once: a bucket's position lives as long as its actor.
+            let _ = self.shared.stats.position.set(d.position());
+        }
         let log = self.durable.as_ref().map(|d| d.lane_log(&env.log));
         self.shared.lane.attach(self.instance.shared_native(), log);
     }
@@ -802,7 +806,15 @@ impl Actor {
     pub fn reload_after_outage(&mut self, env: &ActorEnv) -> Result<(), String> {
         // A bucket diverges in the completion of a failed op, which runs before the log
         // reports the recovery; an op failing later triggers another one.
-        let Some(d) = self.durable.as_ref().filter(|d| d.is_diverged()) else {
+        if !self.durable.as_ref().is_some_and(Durable::is_diverged) {
+            return Ok(());
+        }
+        // Not a message: the lane may be applying. It declines a diverged bucket, but
+        // one may have checked just before the divergence and not yet queued its record:
+        // closed first, the drain below waits for that record too. The next message or
+        // tick reopens it.
+        self.take_lane_events(false);
+        let Some(d) = &self.durable else {
             return Ok(());
         };
         if !d.drain() {
@@ -890,9 +902,9 @@ impl Actor {
         let uid = d.uid;
         let started = Instant::now();
         if fresh {
-            // Not a message: the lane may be applying, to the state about to be replaced.
-            // Closed first, it cannot log events that the new state never sees; the
-            // events it applied are counted again by the replay.
+            // The caller closed the lane before draining, so nothing it applied to the
+            // state about to be replaced can be missing from the replay; closed again
+            // here in case of another caller.
             self.instance.take_inline_events(false);
             self.instance = HandlerInstance::new(&self.handler, &self.config, &self.limits)
                 .map_err(|e| e.to_string())?;

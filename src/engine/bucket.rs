@@ -155,8 +155,11 @@ pub struct BucketStats {
     pub pending: AtomicU64,
     /// Why the bucket's handler is failed (time budget), if it is.
     pub failure: parking_lot::Mutex<Option<String>>,
-    /// A durable bucket's log position and last recovery, as INFO shows them.
+    /// A durable bucket's last snapshot and recovery, as INFO shows them, published by
+    /// the actor.
     pub durable: parking_lot::Mutex<Option<serde_json::Value>>,
+    /// A durable bucket's log position, which the fast lane moves too: INFO reads it live.
+    pub(crate) position: std::sync::OnceLock<Arc<super::durable::Position>>,
 }
 
 /// State shared by a bucket's handle and its actor.

@@ -58,7 +58,7 @@ pub(crate) struct Durable {
 /// A durable bucket's place in its log. The actor writes it while it handles a message
 /// or tick, the fast lane ([`LaneLog`]) under the native state's lock while the actor is
 /// idle: never both at once (`engine::lane`).
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub(crate) struct Position {
     /// The last lsn given out.
     lsn: AtomicU64,
@@ -78,6 +78,15 @@ impl Position {
 
     fn lsn(&self) -> u64 {
         self.lsn.load(Ordering::Acquire)
+    }
+
+    /// Writes the INFO fields that change with every record into `info`, so INFO is
+    /// current while only the fast lane logs (the actor publishes the rest).
+    pub fn overlay(&self, info: &mut serde_json::Value) {
+        info["lsn"] = self.lsn().into();
+        info["records_since_snapshot"] = self.since_snapshot.load(Ordering::Relaxed).into();
+        info["in_flight"] = self.in_flight.load(Ordering::Relaxed).into();
+        info["diverged"] = self.diverged.load(Ordering::Acquire).into();
     }
 
     fn snapshot_due(&self) -> bool {
@@ -325,15 +334,16 @@ impl Durable {
         self.pos.diverged.store(false, Ordering::Release);
     }
 
+    /// The position INFO reads live ([`Position::overlay`]).
+    pub fn position(&self) -> Arc<Position> {
+        self.pos.clone()
+    }
+
     /// INFO fields.
     pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut info = serde_json::json!({
             "uid": self.uid,
-            "lsn": self.pos.lsn(),
             "snapshot_lsn": self.snapshot_lsn,
-            "records_since_snapshot": self.pos.since_snapshot.load(Ordering::Relaxed),
-            "in_flight": self.pos.in_flight.load(Ordering::Relaxed),
-            "diverged": self.is_diverged(),
             "snapshot_error": self.snapshot_error,
             "recovered": self.recovery.as_ref().map(|r| serde_json::json!({
                 "snapshot_lsn": r.snapshot_lsn,
@@ -341,6 +351,8 @@ impl Durable {
                 "events": r.events,
                 "millis": r.millis,
             })),
-        })
+        });
+        self.pos.overlay(&mut info);
+        info
     }
 }

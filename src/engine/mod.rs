@@ -572,8 +572,16 @@ fn bucket_info(h: &BucketHandle) -> serde_json::Value {
         "received": load(&s.received),
         "failed": *s.failure.lock(),
         "exec": h.options.exec.is_some().then(|| h.shared.exec.to_json()),
-        "durable": s.durable.lock().clone(),
+        "durable": durable_info(s),
     })
+}
+
+fn durable_info(s: &bucket::BucketStats) -> Option<serde_json::Value> {
+    let mut info = s.durable.lock().clone()?;
+    if let Some(pos) = s.position.get() {
+        pos.overlay(&mut info);
+    }
+    Some(info)
 }
 
 fn worker_for(name: &str, n: usize) -> usize {

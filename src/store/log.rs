@@ -353,9 +353,11 @@ impl DurableLog {
         }
     }
 
-    /// Whether the queue is at most half full, so that an op queued now is very unlikely
-    /// to wait: what a caller that must not block for long (a connection's thread, in the
-    /// durable fast lane) checks before it commits to queueing one.
+    /// Whether the queue is at most half full, so that an op queued now does not wait:
+    /// what a caller that must not block (a connection's thread, in the durable fast
+    /// lane) checks before it commits to queueing one. Between the check and the send,
+    /// each other producing thread (runtime workers, handler threads: a few dozen at
+    /// most) can queue about one op, far from the other half of [`QUEUE_OPS`].
     pub fn has_room(&self) -> bool {
         self.tx
             .lock()

@@ -206,3 +206,34 @@ async fn a_threshold_schedule_counts_every_event() {
     drop(sub);
     server.stop().await;
 }
+
+// SENDs the lane logs move the durable position INFO shows at once, with no request
+// through the bucket's thread in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_info_follows_the_lanes_records() {
+    const FRAMES: u64 = 40;
+    let server = TestServer::start().await;
+    let client = server.client().await;
+    client
+        .create_with("c", "counter", None, &json!({"durable": true}))
+        .await
+        .expect("create");
+    let before = client.info(Some("c")).await.expect("info")["durable"].clone();
+    for f in 0..FRAMES {
+        client.send("c", &[format!("k{f}")]).await.expect("send");
+    }
+    let after = client.info(Some("c")).await.expect("info")["durable"].clone();
+    let field = |v: &Value, name: &str| v[name].as_u64().expect(name);
+    assert_eq!(
+        field(&after, "lsn"),
+        field(&before, "lsn") + FRAMES,
+        "{after}"
+    );
+    assert_eq!(
+        field(&after, "records_since_snapshot"),
+        field(&before, "records_since_snapshot") + FRAMES,
+        "{after}"
+    );
+    assert_eq!(after["diverged"], json!(false));
+    server.stop().await;
+}
