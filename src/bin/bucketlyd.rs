@@ -44,6 +44,10 @@ struct Args {
     #[arg(long, value_name = "KIB", default_value_t = config::DEFAULT_WAL_SEGMENT >> 10,
           value_parser = clap::value_parser!(u64).range((config::MIN_WAL_SEGMENT >> 10)..=(config::MAX_WAL_SEGMENT >> 10)))]
     wal_segment_kib: u64,
+    /// Add N to the durable log writer thread's nice value (negative: higher priority, granted with CAP_SYS_NICE; 0: leave it).
+    #[arg(long, value_name = "N", default_value_t = config::DEFAULT_WRITER_NICE, allow_negative_numbers = true,
+          value_parser = clap::value_parser!(i32).range(-20..=19))]
+    writer_nice: i32,
     /// Time budget of one handler call, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = config::DEFAULT_LUA_TIME.as_millis() as u64,
           value_parser = clap::value_parser!(u64).range(1..=60_000))]
@@ -104,6 +108,7 @@ fn main() -> ExitCode {
         workers: args.workers,
         io_threads: args.io_threads,
         wal_segment: args.wal_segment_kib << 10,
+        writer_nice: args.writer_nice,
         lua_time: std::time::Duration::from_millis(args.handler_time_ms),
         lua_memory: (args.handler_memory_mib as usize) << 20,
         allow_exec: args.allow_exec,

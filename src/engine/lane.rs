@@ -246,7 +246,7 @@ mod tests {
 
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Arc::new(Store::open(&dir.path().join("db.redb")).expect("open"));
-        let log = Arc::new(DurableLog::start(store.clone(), Box::new(|| {})).expect("writer"));
+        let log = Arc::new(DurableLog::start(store.clone(), Box::new(|| {}), 0).expect("writer"));
         let (lane, stats, instance) = (Lane::default(), BucketStats::default(), counter());
         let durable = super::super::durable::Durable::new(7);
         lane.attach(instance.shared_native(), Some(durable.lane_log(&log)));

@@ -123,6 +123,7 @@ impl Engine {
                     }
                 }
             }),
+            config.writer_nice,
         )?);
         let env = Arc::new(ActorEnv {
             registry: registry.clone(),

@@ -35,7 +35,7 @@ use parking_lot::Mutex;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
 use super::chain::{self, Chains, Link};
-use super::{io, Store, StoreError};
+use super::{io, priority, Store, StoreError};
 
 pub(super) const LOG: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("log");
 pub(super) const SNAPSHOTS: TableDefinition<u64, &[u8]> = TableDefinition::new("snapshots");
@@ -260,6 +260,8 @@ pub struct Health {
     pub failures: AtomicU64,
     /// Ops refused because they did not follow their bucket's records on disk.
     pub out_of_order: AtomicU64,
+    /// The writer thread's nice value, once it has started, where the OS reports one.
+    writer_nice: Mutex<Option<i32>>,
 }
 
 impl Health {
@@ -296,6 +298,7 @@ impl Health {
             "ops": self.ops.load(Ordering::Relaxed),
             "failed_commits": self.failures.load(Ordering::Relaxed),
             "out_of_order": self.out_of_order.load(Ordering::Relaxed),
+            "writer_nice": *self.writer_nice.lock(),
         })
     }
 }
@@ -309,16 +312,19 @@ pub struct DurableLog {
 }
 
 impl DurableLog {
-    /// Starts the writer thread on `store`. `recovered` is called (on the writer
-    /// thread) each time the store becomes writable again after a failure.
+    /// Starts the writer thread on `store`, its nice value changed by `nice` (see
+    /// [`priority`]; 0 leaves it alone). `recovered` is called (on the writer thread)
+    /// each time the store becomes writable again after a failure.
     ///
     /// # Errors
     /// If the thread cannot be spawned.
     pub fn start(
         store: Arc<Store>,
         recovered: Box<dyn Fn() + Send>,
+        nice: i32,
     ) -> std::io::Result<DurableLog> {
         let (tx, rx) = crossbeam_channel::bounded(QUEUE_OPS);
+        let (started_tx, started) = std::sync::mpsc::sync_channel::<()>(0);
         let health = Arc::new(Health::default());
         let writer = Writer {
             store,
@@ -328,7 +334,14 @@ impl DurableLog {
         };
         let thread = std::thread::Builder::new()
             .name("bucketly-writer".into())
-            .spawn(move || writer.run(rx))?;
+            .spawn(move || {
+                writer.prioritise(nice);
+                drop(started_tx);
+                writer.run(rx);
+            })?;
+        // INFO reports the priority from the first request on: wait for the thread to
+        // have set it (microseconds; an error means the thread ended, as `run` reports).
+        let _ = started.recv();
         Ok(DurableLog {
             tx: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
@@ -416,6 +429,22 @@ struct Writer {
 }
 
 impl Writer {
+    /// Applies `--writer-nice` to this thread, and reports the nice value in effect.
+    fn prioritise(&self, nice: i32) {
+        let result = priority::renice_this_thread(nice);
+        match &result {
+            Ok(_) | Err(_) if nice == 0 => {}
+            Ok(now) => tracing::debug!("the durable log writer runs at nice {now}"),
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => tracing::info!(
+                "the durable log writer keeps the daemon's priority: a lower nice value needs \
+                 CAP_SYS_NICE ({e}); durable answers are slower on busy cores \
+                 (--writer-nice 0 silences this)"
+            ),
+            Err(e) => tracing::warn!("cannot change the durable log writer's priority: {e}"),
+        }
+        *self.health.writer_nice.lock() = priority::renice_this_thread(0).ok();
+    }
+
     fn run(mut self, rx: crossbeam_channel::Receiver<Op>) {
         let mut retry = Backoff::default();
         // Set while the log is latched: when to open the database again.
@@ -865,7 +894,7 @@ mod tests {
     #[test]
     fn appends_snapshots_and_forgets() {
         let (_dir, store) = store();
-        let log = DurableLog::start(store.clone(), Box::new(|| {})).expect("start");
+        let log = DurableLog::start(store.clone(), Box::new(|| {}), 0).expect("start");
         for lsn in 1..=5 {
             wait(&log, append(7, lsn, Record::Dump)).expect("append");
         }
@@ -917,7 +946,7 @@ mod tests {
         let path = dir.path().join("db.redb");
         let open = || Arc::new(Store::open_sized(&path, 64 * 1024).expect("open"));
         let store = open();
-        let log = DurableLog::start(store.clone(), Box::new(|| {})).expect("start");
+        let log = DurableLog::start(store.clone(), Box::new(|| {}), 0).expect("start");
         let event = [b'x'; 200];
         let mut batch = Vec::new();
         for lsn in 1..=2000u64 {
@@ -973,7 +1002,7 @@ mod tests {
         let reload = Box::new(move || {
             asked.fetch_add(1, Ordering::Relaxed);
         });
-        let log = DurableLog::start(store.clone(), reload).expect("start");
+        let log = DurableLog::start(store.clone(), reload, 0).expect("start");
         let barrier = |uid, lsn| {
             move |done| Op::Barrier {
                 uid,
@@ -1002,7 +1031,7 @@ mod tests {
     #[test]
     fn a_shut_down_log_refuses_at_once() {
         let (_dir, store) = store();
-        let log = DurableLog::start(store, Box::new(|| {})).expect("start");
+        let log = DurableLog::start(store, Box::new(|| {}), 0).expect("start");
         log.shutdown();
         assert!(wait(&log, append(1, 1, Record::Dump)).is_err());
     }

@@ -19,6 +19,7 @@
 
 mod chain;
 pub mod log;
+pub mod priority;
 pub mod wal;
 
 use std::path::Path;

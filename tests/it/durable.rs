@@ -875,3 +875,27 @@ async fn a_take_refused_by_a_failing_disk_loses_nothing() {
     assert_eq!(json!(take.since_ms), created);
     server.stop().await;
 }
+
+// `--writer-nice` reaches the writer thread, and INFO shows the nice value in effect.
+// Raising a nice value needs no privilege, so this checks +3 against 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn info_shows_the_writer_priority_it_was_given() {
+    let mut nice = Vec::new();
+    for writer_nice in [0, 3] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let server = TestServer::start_with(bucketly::Config {
+            writer_nice,
+            ..config_in(dir.path())
+        })
+        .await;
+        let info = server.client().await.info(None).await.expect("INFO");
+        nice.push(info["storage"]["writer_nice"].as_i64());
+        server.stop().await;
+    }
+    if cfg!(target_os = "linux") {
+        let base = nice[0].expect("the writer's nice value");
+        assert_eq!(nice[1], Some((base + 3).min(19)), "{nice:?}");
+    } else {
+        assert_eq!(nice, [None, None]);
+    }
+}
