@@ -44,7 +44,7 @@ struct Args {
     #[arg(long, value_name = "KIB", default_value_t = config::DEFAULT_WAL_SEGMENT >> 10,
           value_parser = clap::value_parser!(u64).range((config::MIN_WAL_SEGMENT >> 10)..=(config::MAX_WAL_SEGMENT >> 10)))]
     wal_segment_kib: u64,
-    /// Add N to the durable log writer thread's nice value (negative: higher priority, granted with CAP_SYS_NICE; 0: leave it).
+    /// Add N to the durable log writer thread's nice value (negative: higher priority, granted with CAP_SYS_NICE or as far as RLIMIT_NICE allows; 0: leave it).
     #[arg(long, value_name = "N", default_value_t = config::DEFAULT_WRITER_NICE, allow_negative_numbers = true,
           value_parser = clap::value_parser!(i32).range(-20..=19))]
     writer_nice: i32,

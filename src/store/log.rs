@@ -324,7 +324,7 @@ impl DurableLog {
         nice: i32,
     ) -> std::io::Result<DurableLog> {
         let (tx, rx) = crossbeam_channel::bounded(QUEUE_OPS);
-        let (started_tx, started) = std::sync::mpsc::sync_channel::<()>(0);
+        let (started_tx, started) = std::sync::mpsc::sync_channel::<()>(1);
         let health = Arc::new(Health::default());
         let writer = Writer {
             store,
@@ -336,12 +336,17 @@ impl DurableLog {
             .name("bucketly-writer".into())
             .spawn(move || {
                 writer.prioritise(nice);
-                drop(started_tx);
+                let _ = started_tx.send(());
                 writer.run(rx);
             })?;
         // INFO reports the priority from the first request on: wait for the thread to
-        // have set it (microseconds; an error means the thread ended, as `run` reports).
-        let _ = started.recv();
+        // have set it (microseconds). Without its word the thread has ended.
+        if started.recv().is_err() {
+            let _ = thread.join();
+            return Err(std::io::Error::other(
+                "the durable log writer stopped as it started",
+            ));
+        }
         Ok(DurableLog {
             tx: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
