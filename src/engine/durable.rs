@@ -339,9 +339,9 @@ impl Durable {
         self.pos.clone()
     }
 
-    /// INFO fields.
+    /// INFO fields but the position's, which INFO adds live ([`Position::overlay`]).
     pub fn to_json(&self) -> serde_json::Value {
-        let mut info = serde_json::json!({
+        serde_json::json!({
             "uid": self.uid,
             "snapshot_lsn": self.snapshot_lsn,
             "snapshot_error": self.snapshot_error,
@@ -351,8 +351,6 @@ impl Durable {
                 "events": r.events,
                 "millis": r.millis,
             })),
-        });
-        self.pos.overlay(&mut info);
-        info
+        })
     }
 }

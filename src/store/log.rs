@@ -447,7 +447,9 @@ impl Writer {
             ),
             Err(e) => tracing::warn!("cannot change the durable log writer's priority: {e}"),
         }
-        *self.health.writer_nice.lock() = priority::renice_this_thread(0).ok();
+        // A refused change left the nice value as it was: read it.
+        let now = result.or_else(|_| priority::renice_this_thread(0));
+        *self.health.writer_nice.lock() = now.ok();
     }
 
     fn run(mut self, rx: crossbeam_channel::Receiver<Op>) {
