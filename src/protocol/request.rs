@@ -23,7 +23,7 @@
 //! | 0x20 | SUBSCRIBE | bucket:str16                                           |
 //! | 0x21 | UNSUBSCRIBE | subscription:u32be                                   |
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::codes::ErrorCode;
 use super::frame::write_frame;
@@ -374,6 +374,12 @@ impl SendBatch {
     fn decode(r: &mut Reader) -> Result<SendBatch, WireError> {
         let count = r.u32("event count")?;
         let data = r.rest();
+        SendBatch::fits(count, &data)?;
+        Ok(SendBatch { count, data })
+    }
+
+    /// Succeeds if `count` events laid out as blob32s fill `data` exactly.
+    fn fits(count: u32, data: &[u8]) -> Result<(), WireError> {
         let mut pos = 0usize;
         for _ in 0..count {
             let header = data
@@ -389,8 +395,22 @@ impl SendBatch {
         if pos != data.len() {
             return Err(WireError::Trailing(data.len() - pos));
         }
-        Ok(SendBatch { count, data })
+        Ok(())
     }
+}
+
+/// The id and event count of a SEND body to `bucket`, and where its events start.
+fn send_header_to(body: &[u8], bucket: &str) -> Option<(u32, u32, usize)> {
+    let (header, rest) = body.split_first_chunk::<REQUEST_HEADER_LEN>()?;
+    let (len, rest) = rest.split_first_chunk::<2>()?;
+    let len = u16::from_be_bytes(*len) as usize;
+    if header[0] != OP_SEND || rest.get(..len)? != bucket.as_bytes() {
+        return None;
+    }
+    let count = rest.get(len..len + 4)?;
+    let count = u32::from_be_bytes([count[0], count[1], count[2], count[3]]);
+    let id = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
+    Some((id, count, REQUEST_HEADER_LEN + 2 + len + 4))
 }
 
 /// Appends a SEND frame for `events` to `out` without building a [`SendBatch`]: the
@@ -546,6 +566,24 @@ impl Request {
         };
         r.finish().map_err(malformed)?;
         Ok(Request { id, command })
+    }
+
+    /// Reads `body` only if it is a well-formed SEND to `bucket`, giving what
+    /// [`Request::decode`] would, without copying the name: for a server that gathers
+    /// consecutive SENDs to one bucket. `None` for any other body, which
+    /// [`Request::decode`] then reads and, if it is wrong, reports.
+    ///
+    /// # Errors
+    /// The body, untouched, if it is not such a SEND.
+    pub fn decode_send_to(mut body: Bytes, bucket: &str) -> Result<(u32, SendBatch), Bytes> {
+        let Some((id, count, at)) = send_header_to(&body, bucket) else {
+            return Err(body);
+        };
+        if SendBatch::fits(count, &body[at..]).is_err() {
+            return Err(body);
+        }
+        body.advance(at);
+        Ok((id, SendBatch { count, data: body }))
     }
 
     /// Appends this request as a frame to `out`.

@@ -1,6 +1,7 @@
 //! The daemon: opens the database, loads handlers, starts the engine, accepts
 //! connections and shuts down gracefully.
 
+mod budget;
 mod connection;
 mod dispatch;
 mod listener;

@@ -1329,6 +1329,61 @@ async fn five_thousand_pipelined_requests_in_one_write() {
     assert_usable(&mut conn, 1).await;
 }
 
+// SENDs to one bucket that arrive together are gathered into one run, but each frame is
+// still read on its own: a malformed one in the run is answered MALFORMED_REQUEST with
+// its id, one to another bucket gets that bucket's answer, the rest are counted, and
+// every frame counts as a request in INFO.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_frame_of_a_gathered_run_of_sends_is_answered_on_its_own() {
+    let server = TestServer::start().await;
+    let mut conn = server.raw().await;
+    conn.write_frame(&create(1, "run", "counter", b"", b""))
+        .await;
+    expect_ok(&mut conn, 1).await;
+    conn.write_frame(&info(2, None)).await;
+    let before = parse_json(&expect_ok(&mut conn, 2).await)["requests"].clone();
+    let truncated = body(
+        OP_SEND,
+        12,
+        &[str16(b"run"), vec![0, 0, 0, 2], blob32(b"a")].concat(),
+    );
+    let mut bytes = Vec::new();
+    bytes.extend(framed(&send(10, "run", &[b"a"])));
+    bytes.extend(framed(&send(11, "run", &[b"a", b"b"])));
+    bytes.extend(framed(&truncated));
+    bytes.extend(framed(&send(13, "run", &[b"b"])));
+    bytes.extend(framed(&send(14, "no-such", &[b"a"])));
+    bytes.extend(framed(&send(15, "run", &[b"c"])));
+    bytes.extend(framed(&send(16, "run", &[])));
+    bytes.extend(framed(&view(17, "run", None)));
+    bytes.extend(framed(&info(18, None)));
+    let responses = pipeline(&mut conn, &bytes, 9).await;
+    let got: Vec<(u32, Status)> = responses.iter().map(|r| (r.id, r.status)).collect();
+    let want: Vec<(u32, Status)> = (10..19)
+        .map(|id| match id {
+            12 | 14 => (id, Status::Error),
+            _ => (id, Status::Ok),
+        })
+        .collect();
+    assert_eq!(got, want);
+    let code = |r: &Response| r.failure().ok().flatten().map(|(c, _)| c);
+    assert_eq!(code(&responses[2]), Some(MALFORMED_REQUEST));
+    assert_eq!(code(&responses[4]), Some(NO_SUCH_BUCKET));
+    let accepted: Vec<u32> = [0, 1, 3, 5, 6]
+        .iter()
+        .map(|&k| send_counts(&responses[k].payload).0)
+        .collect();
+    assert_eq!(accepted, [1, 2, 1, 1, 0]);
+    assert_eq!(
+        parse_json(&responses[7].payload),
+        json!({"a": 2, "b": 2, "c": 1})
+    );
+    let after = &parse_json(&responses[8].payload)["requests"];
+    let counted = after.as_u64().zip(before.as_u64()).map(|(a, b)| a - b);
+    // Each INFO counts itself: the nine frames after the first INFO.
+    assert_eq!(counted, Some(9), "{before} -> {after}");
+}
+
 // With in-flight limits of one request and a few bytes, deep pipelining still completes
 // in order (back-pressure, not deadlock or loss).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
