@@ -95,7 +95,8 @@ impl EventGen {
                 x ^= x >> 7;
                 x ^= x << 17;
                 self.rng = x;
-                x % self.keys
+                // Lemire's multiply-shift: uniform over 0..keys without a division.
+                ((u128::from(x) * u128::from(self.keys)) >> 64) as u64
             }
         }
     }
@@ -116,8 +117,8 @@ impl EventGen {
                     Part::Decimal => put_decimal(&mut self.data, i),
                 }
             }
-            while self.data.len() - start < self.size {
-                self.data.push(b'_');
+            if self.data.len() - start < self.size {
+                self.data.resize(start + self.size, b'_');
             }
             self.ends.push(self.data.len());
         }
@@ -128,14 +129,20 @@ impl EventGen {
     }
 }
 
-/// Appends `i` as 16 lowercase hex digits.
+/// Appends `i` as 16 lowercase hex digits, eight at a time: each nibble is spread into a
+/// byte of its own, then every byte is turned into its digit at once.
 fn put_hex16(out: &mut Vec<u8>, i: u64) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut digits = [0u8; 16];
-    for (k, d) in digits.iter_mut().enumerate() {
-        *d = DIGITS[((i >> (60 - 4 * k)) & 0xf) as usize];
+    fn eight(half: u32) -> [u8; 8] {
+        let mut x = u64::from(half);
+        x = (x | (x << 16)) & 0x0000_FFFF_0000_FFFF;
+        x = (x | (x << 8)) & 0x00FF_00FF_00FF_00FF;
+        x = (x | (x << 4)) & 0x0F0F_0F0F_0F0F_0F0F;
+        // 1 in each byte whose nibble is 10 or more; those skip from '9'+1 to 'a'.
+        let letters = ((x + 0x0606_0606_0606_0606) >> 4) & 0x0101_0101_0101_0101;
+        (x + 0x3030_3030_3030_3030 + letters * (b'a' - b'9' - 1) as u64).to_be_bytes()
     }
-    out.extend_from_slice(&digits);
+    out.extend_from_slice(&eight((i >> 32) as u32));
+    out.extend_from_slice(&eight(i as u32));
 }
 
 /// Appends `i` in decimal.
@@ -207,7 +214,26 @@ mod tests {
 
     #[test]
     fn digits_match_the_formatter() {
-        for i in [0, 1, 9, 10, 15, 16, 255, 1_000_000, u64::MAX / 3, u64::MAX] {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let spread = (0..1000).map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        });
+        let edges = [
+            0,
+            1,
+            9,
+            10,
+            15,
+            16,
+            255,
+            0x9a9a_afaf,
+            u64::MAX / 3,
+            u64::MAX,
+        ];
+        for i in edges.into_iter().chain(spread) {
             let (mut hex, mut dec) = (Vec::new(), Vec::new());
             put_hex16(&mut hex, i);
             put_decimal(&mut dec, i);
@@ -239,9 +265,14 @@ mod tests {
     }
 
     #[test]
-    fn random_indexes_stay_in_range() {
-        for e in events("{n}", 7, 0, false, 1000) {
-            assert!(e.parse::<u64>().expect("number") < 7);
+    fn random_indexes_stay_in_range_and_cover_it() {
+        let mut seen = [0u32; 7];
+        for e in events("{n}", 7, 0, false, 7000) {
+            let i = e.parse::<usize>().expect("number");
+            assert!(i < 7);
+            seen[i] += 1;
         }
+        // About 1000 each.
+        assert!(seen.iter().all(|&n| (800..1200).contains(&n)), "{seen:?}");
     }
 }
