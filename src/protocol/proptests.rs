@@ -5,7 +5,7 @@ use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
 
 use super::frame::check_frame;
-use super::{ClientHello, Command, Request, Response, SendBatch, SendOutcome, ServerHello};
+use super::{ClientHello, Command, Request, Response, SendBatch, SendOutcome, ServerHello, Status};
 
 fn name() -> impl Strategy<Value = String> {
     "[a-z0-9._:-]{0,20}"
@@ -143,6 +143,26 @@ proptest! {
         prop_assert_eq!(Response::decode(out.freeze().slice(4..)), Ok(r));
         let o = SendOutcome { accepted, rejected: reasons.len() as u32, reasons };
         prop_assert_eq!(SendOutcome::decode(o.encode()), Ok(o));
+    }
+
+    #[test]
+    fn plain_counts_read_what_decode_reads(
+        status in 0u8..6,
+        id in any::<u32>(),
+        counts in (any::<u32>(), any::<u32>()),
+        reasons in proptest::collection::vec((any::<u32>(), "[ -~]{0,8}"), 0..3),
+        cut in 0usize..3,
+    ) {
+        let o = SendOutcome { accepted: counts.0, rejected: counts.1, reasons };
+        let mut body = vec![status];
+        body.extend(id.to_be_bytes());
+        body.extend_from_slice(&o.encode());
+        body.truncate(body.len().saturating_sub(cut));
+        let full = Response::decode(Bytes::from(body.clone())).ok().and_then(|r| {
+            let o = SendOutcome::decode(r.payload).ok()?;
+            (r.status == Status::Ok && o.reasons.is_empty()).then_some((o.accepted, o.rejected))
+        });
+        prop_assert_eq!(SendOutcome::plain_counts(&body), full);
     }
 
     #[test]

@@ -201,6 +201,21 @@ impl SendOutcome {
         }
     }
 
+    /// The accepted and rejected counts of a response body that is an OK answer to a
+    /// SEND carrying no reasons, read in place; `None` for any other body, which
+    /// [`Response::decode`] and [`SendOutcome::decode`] then read. For a client that
+    /// counts many answers (the load generator).
+    pub fn plain_counts(body: &[u8]) -> Option<(u32, u32)> {
+        let b: &[u8; 15] = body.try_into().ok()?;
+        let [status, _, _, _, _, a0, a1, a2, a3, r0, r1, r2, r3, 0, 0] = *b else {
+            return None;
+        };
+        (status == Status::Ok as u8).then_some((
+            u32::from_be_bytes([a0, a1, a2, a3]),
+            u32::from_be_bytes([r0, r1, r2, r3]),
+        ))
+    }
+
     /// Reads the payload bytes.
     ///
     /// # Errors

@@ -101,6 +101,39 @@ impl EventGen {
         }
     }
 
+    /// The length of every event, if the template fixes it (it has no decimal
+    /// placeholder): then an event can be rewritten in place by [`EventGen::refill`].
+    pub fn fixed_len(&self) -> Option<usize> {
+        let mut len = 0;
+        for PartSpec(part) in &self.parts {
+            len += match part {
+                Part::Text(t) => t.len(),
+                Part::Hex => 16,
+                Part::Decimal => return None,
+            };
+        }
+        Some(len.max(self.size))
+    }
+
+    /// Rewrites `event`, one of [`EventGen::fixed_len`] bytes made by this generator,
+    /// into the next event: the bytes [`EventGen::next_batch`] would have given.
+    pub fn refill(&mut self, event: &mut [u8]) {
+        let i = self.next_index();
+        let mut at = 0;
+        for PartSpec(part) in &self.parts {
+            match part {
+                Part::Text(t) => at += t.len(),
+                Part::Hex => {
+                    if let Some(digits) = event.get_mut(at..at + 16) {
+                        digits.copy_from_slice(&hex16(i));
+                    }
+                    at += 16;
+                }
+                Part::Decimal => {}
+            }
+        }
+    }
+
     /// The next `n` events; valid until the next call.
     pub fn next_batch(&mut self, n: usize) -> Batch<'_> {
         self.data.clear();
@@ -113,7 +146,7 @@ impl EventGen {
             for PartSpec(part) in &self.parts {
                 match part {
                     Part::Text(t) => self.data.extend_from_slice(t.as_bytes()),
-                    Part::Hex => put_hex16(&mut self.data, i),
+                    Part::Hex => self.data.extend_from_slice(&hex16(i)),
                     Part::Decimal => put_decimal(&mut self.data, i),
                 }
             }
@@ -129,9 +162,9 @@ impl EventGen {
     }
 }
 
-/// Appends `i` as 16 lowercase hex digits, eight at a time: each nibble is spread into a
-/// byte of its own, then every byte is turned into its digit at once.
-fn put_hex16(out: &mut Vec<u8>, i: u64) {
+/// `i` as 16 lowercase hex digits, eight at a time: each nibble is spread into a byte of
+/// its own, then every byte is turned into its digit at once.
+fn hex16(i: u64) -> [u8; 16] {
     fn eight(half: u32) -> [u8; 8] {
         let mut x = u64::from(half);
         x = (x | (x << 16)) & 0x0000_FFFF_0000_FFFF;
@@ -141,8 +174,10 @@ fn put_hex16(out: &mut Vec<u8>, i: u64) {
         let letters = ((x + 0x0606_0606_0606_0606) >> 4) & 0x0101_0101_0101_0101;
         (x + 0x3030_3030_3030_3030 + letters * (b'a' - b'9' - 1) as u64).to_be_bytes()
     }
-    out.extend_from_slice(&eight((i >> 32) as u32));
-    out.extend_from_slice(&eight(i as u32));
+    let mut digits = [0u8; 16];
+    digits[..8].copy_from_slice(&eight((i >> 32) as u32));
+    digits[8..].copy_from_slice(&eight(i as u32));
+    digits
 }
 
 /// Appends `i` in decimal.
@@ -234,10 +269,9 @@ mod tests {
             u64::MAX,
         ];
         for i in edges.into_iter().chain(spread) {
-            let (mut hex, mut dec) = (Vec::new(), Vec::new());
-            put_hex16(&mut hex, i);
+            let mut dec = Vec::new();
             put_decimal(&mut dec, i);
-            assert_eq!(hex, format!("{i:016x}").into_bytes());
+            assert_eq!(hex16(i).to_vec(), format!("{i:016x}").into_bytes());
             assert_eq!(dec, i.to_string().into_bytes());
         }
     }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bucketly::protocol::{
-    check_frame, encode_send, ClientHello, Command, Request, Response, Secret, SendOutcome, Status,
+    check_frame, ClientHello, Command, Request, Response, Secret, SendOutcome, Status,
 };
 use bytes::{Buf, BytesMut};
 use hdrhistogram::Histogram;
@@ -16,6 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::events::EventGen;
+use super::round::Round;
 
 /// Largest answer the bench accepts (SEND answers are a few bytes; this is generous).
 const MAX_ANSWER: u32 = 1 << 20;
@@ -136,21 +137,22 @@ pub async fn run(
         first_error: None,
         latency: Histogram::new_with_bounds(1, 60_000_000, 3).map_err(|e| e.to_string())?,
     };
-    let mut out = BytesMut::with_capacity(64 * 1024);
+    let mut round = Round::new();
     let mut id: u32 = 2;
     loop {
         let frames = shared.claim(load.pipeline as u64);
         if frames == 0 {
             break;
         }
-        out.clear();
-        for _ in 0..frames {
-            let batch = load.events.next_batch(load.per_frame);
-            encode_send(&mut out, id, &load.bucket, batch.iter());
-            id = id.wrapping_add(1);
-        }
+        let out = round.next(
+            &mut load.events,
+            &load.bucket,
+            frames as usize,
+            load.per_frame,
+            &mut id,
+        );
         let start = Instant::now();
-        socket.write_all(&out).await.map_err(|e| e.to_string())?;
+        socket.write_all(out).await.map_err(|e| e.to_string())?;
         let mut owed = frames;
         while owed > 0 {
             buf.reserve(64 * 1024);
@@ -166,9 +168,14 @@ pub async fn run(
                 let Some(len) = check_frame(&buf, MAX_ANSWER).map_err(|e| e.to_string())? else {
                     break;
                 };
-                let mut body = buf.split_to(4 + len).freeze();
-                body.advance(4);
-                settle(&mut result, body)?;
+                match SendOutcome::plain_counts(&buf[4..4 + len]) {
+                    Some((accepted, rejected)) => {
+                        result.accepted += u64::from(accepted);
+                        result.rejected += u64::from(rejected);
+                    }
+                    None => settle(&mut result, buf[4..4 + len].to_vec().into())?,
+                }
+                buf.advance(4 + len);
                 answered += 1;
                 owed -= 1;
             }

@@ -5,6 +5,7 @@
 mod events;
 mod load;
 mod report;
+mod round;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
