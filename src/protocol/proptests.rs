@@ -131,6 +131,21 @@ proptest! {
     }
 
     #[test]
+    fn the_send_shortcut_takes_only_sends(
+        bucket in name(),
+        events in proptest::collection::vec(blob(), 0..4),
+        opcode in any::<u8>(),
+    ) {
+        let req = Request { id: 9, command: Command::Send { bucket: bucket.clone(), batch: SendBatch::from_events(&events) } };
+        let mut out = BytesMut::new();
+        req.encode(&mut out);
+        let mut body = out[4..].to_vec();
+        let is_send = body[0] == opcode;
+        body[0] = opcode;
+        prop_assert_eq!(Request::decode_send_to(Bytes::from(body), &bucket).is_ok(), is_send);
+    }
+
+    #[test]
     fn responses_and_outcomes_round_trip(
         id in any::<u32>(),
         payload in blob(),
@@ -152,11 +167,15 @@ proptest! {
         counts in (any::<u32>(), any::<u32>()),
         reasons in proptest::collection::vec((any::<u32>(), "[ -~]{0,8}"), 0..3),
         cut in 0usize..3,
+        reason_count in proptest::option::of(any::<u16>()),
     ) {
         let o = SendOutcome { accepted: counts.0, rejected: counts.1, reasons };
         let mut body = vec![status];
         body.extend(id.to_be_bytes());
         body.extend_from_slice(&o.encode());
+        if let (Some(n), Some(at)) = (reason_count, body.get_mut(13..15)) {
+            at.copy_from_slice(&n.to_be_bytes());
+        }
         body.truncate(body.len().saturating_sub(cut));
         let full = Response::decode(Bytes::from(body.clone())).ok().and_then(|r| {
             let o = SendOutcome::decode(r.payload).ok()?;

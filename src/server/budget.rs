@@ -42,7 +42,7 @@ impl InFlight {
         // Never closed, so the acquires cannot fail.
         if let Ok(p) = self.bytes.acquire_many(cost).await {
             p.forget();
-            budget.bytes = cost;
+            budget.bytes = u64::from(cost);
         }
         if let Ok(p) = self.requests.acquire().await {
             p.forget();
@@ -63,8 +63,8 @@ impl InFlight {
 /// Shares of the budget, given back when dropped.
 pub(crate) struct Budget {
     pool: Arc<InFlight>,
-    bytes: u32,
-    requests: u32,
+    bytes: u64,
+    requests: u64,
 }
 
 impl Budget {
@@ -79,14 +79,14 @@ impl Budget {
         };
         bytes.forget();
         request.forget();
-        self.bytes += cost;
+        self.bytes += u64::from(cost);
         self.requests += 1;
         true
     }
 
     /// Gives back the last [`Budget::try_add`] of `cost` bytes.
     pub(crate) fn remove(&mut self, cost: u32) {
-        let (bytes, requests) = (cost.min(self.bytes), self.requests.min(1));
+        let (bytes, requests) = (u64::from(cost).min(self.bytes), self.requests.min(1));
         self.bytes -= bytes;
         self.requests -= requests;
         self.pool.bytes.add_permits(bytes as usize);

@@ -430,10 +430,10 @@ impl<S: Stream> Reader<S> {
     /// its budget is free; gives the body back otherwise. Ok(true) if the group is now
     /// full.
     ///
-    /// The group's first SEND was routed and its permission checked after the read that
-    /// brought it; this one came in the same read (a group is posted before every read),
-    /// so that check is the one the spec asks for: against the grants as they were when
-    /// the server read it.
+    /// The group's first SEND was routed, its user and permission checked, after the
+    /// read that brought it, and nothing was awaited since (`route` posts another
+    /// bucket's group before its checks). This one came in the same read (a group is
+    /// posted before every read), so that check covers it, as the spec allows (§6).
     fn gather_more(&mut self, body: Bytes) -> Result<bool, Bytes> {
         let Some(group) = self.group.as_mut() else {
             return Err(body);
@@ -539,6 +539,15 @@ impl<S: Stream> Reader<S> {
                 };
             }
         };
+        // A SEND to another bucket than the one gathered posts that group first: then
+        // nothing waits between this SEND's checks below and the frames that
+        // `gather_more` adds after it, which those checks cover.
+        if let Command::Send { bucket, .. } = &request.command {
+            if self.group.as_ref().is_some_and(|g| g.bucket != *bucket) && !self.flush_group().await
+            {
+                return Some(CloseReason::PeerClosed);
+            }
+        }
         if self.conn.session.as_ref().is_some_and(Session::is_revoked) {
             return Some(self.user_deleted().await);
         }

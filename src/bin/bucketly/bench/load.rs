@@ -179,7 +179,9 @@ pub async fn run(
                 answered += 1;
                 owed -= 1;
             }
-            let _ = result.latency.record_n(micros, answered);
+            if answered > 0 {
+                let _ = result.latency.record_n(micros, answered);
+            }
         }
         result.frames += frames;
         shared.frames_done.fetch_add(frames, Ordering::Relaxed);

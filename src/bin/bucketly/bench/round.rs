@@ -14,8 +14,9 @@ use super::events::EventGen;
 /// A round's frames, kept from one round to the next.
 pub struct Round {
     out: BytesMut,
-    /// Frames in `out` when it may be rewritten in place; 0 when it may not.
-    reusable: usize,
+    /// The shape of the frames in `out` (frames, events per frame, bucket), when it may
+    /// be rewritten in place.
+    reusable: Option<(usize, usize, String)>,
 }
 
 /// Bytes of a SEND body before its bucket name: opcode, id, name length.
@@ -26,7 +27,7 @@ impl Round {
     pub fn new() -> Round {
         Round {
             out: BytesMut::with_capacity(64 * 1024),
-            reusable: 0,
+            reusable: None,
         }
     }
 
@@ -40,10 +41,11 @@ impl Round {
         per_frame: usize,
         id: &mut u32,
     ) -> &[u8] {
+        let same = self.reusable.as_ref().is_some_and(|(f, e, b)| {
+            (*f, *e, b.as_str()) == (frames, per_frame, bucket) && frames > 0
+        });
         match events.fixed_len() {
-            Some(len) if frames > 0 && frames == self.reusable => {
-                self.rewrite(events, NAME_AT + bucket.len() + 4, len, id);
-            }
+            Some(len) if same => self.rewrite(events, frames, len, id),
             fixed => {
                 self.out.clear();
                 for _ in 0..frames {
@@ -51,16 +53,22 @@ impl Round {
                     encode_send(&mut self.out, *id, bucket, batch.iter());
                     *id = id.wrapping_add(1);
                 }
-                self.reusable = if fixed.is_some() { frames } else { 0 };
+                self.reusable = fixed.map(|_| (frames, per_frame, bucket.to_owned()));
             }
         }
         &self.out
     }
 
-    /// New ids and events in the frames already in `out`, whose events start `events_at`
-    /// bytes into each frame and are `len` bytes each.
-    fn rewrite(&mut self, events: &mut EventGen, events_at: usize, len: usize, id: &mut u32) {
-        let frame_len = self.out.len() / self.reusable;
+    /// New ids and events in the `frames` frames already in `out`, whose events are
+    /// `len` bytes each.
+    fn rewrite(&mut self, events: &mut EventGen, frames: usize, len: usize, id: &mut u32) {
+        // The name as encoded (which may have been cut to fit its length field).
+        let name = self
+            .out
+            .get(NAME_AT - 2..NAME_AT)
+            .map_or(0, |n| usize::from(u16::from_be_bytes([n[0], n[1]])));
+        let events_at = NAME_AT + name + 4;
+        let frame_len = self.out.len() / frames;
         for frame in self.out.chunks_exact_mut(frame_len) {
             frame[ID_AT..ID_AT + 4].copy_from_slice(&id.to_be_bytes());
             *id = id.wrapping_add(1);
@@ -91,17 +99,23 @@ mod tests {
     /// Rounds rewritten in place are the bytes that encoding them afresh gives.
     #[test]
     fn a_rewritten_round_is_the_round_encoded_afresh() {
-        for (template, size, per_frame) in [("{}", 0, 1), ("k {} / {}", 40, 3), ("{n}", 0, 2)] {
+        let cases = [
+            ("{}", 0, 1),
+            ("k {} / {}", 40, 3),
+            ("{}x", 0, 2),
+            ("{n}", 0, 2),
+        ];
+        for (template, size, per_frame) in cases {
             let (mut reused, mut fresh) = (gen(template, size), gen(template, size));
             let (mut round, mut id_a, mut id_b) = (Round::new(), 2u32, 2u32);
-            for frames in [4, 4, 4, 2, 2] {
+            for (frames, bucket) in [(4, "b"), (4, "b"), (4, "bb"), (2, "bb"), (2, "bb")] {
                 let got = round
-                    .next(&mut reused, "b", frames, per_frame, &mut id_a)
+                    .next(&mut reused, bucket, frames, per_frame, &mut id_a)
                     .to_vec();
                 let mut want = BytesMut::new();
                 for _ in 0..frames {
                     let batch = fresh.next_batch(per_frame);
-                    encode_send(&mut want, id_b, "b", batch.iter());
+                    encode_send(&mut want, id_b, bucket, batch.iter());
                     id_b = id_b.wrapping_add(1);
                 }
                 assert_eq!(
