@@ -2,14 +2,16 @@
 
 use std::collections::HashMap;
 
+use super::key::Key;
 use super::snap::{self, V};
-use super::{boxed_cost, trim, write_counts, OUT_OF_MEMORY};
+use super::{trim, write_counts, OUT_OF_MEMORY};
 
-/// Estimated bytes of one hash-table entry beyond its key's own allocation.
-const ENTRY: usize = 32;
+/// Estimated bytes of one hash-table entry (a 32-byte slot at the table's load factor)
+/// beyond a long key's own allocation.
+const ENTRY: usize = 40;
 
 pub(crate) struct Counter {
-    counts: HashMap<Box<[u8]>, i64>,
+    counts: HashMap<Key, i64>,
     used: usize,
     limit: usize,
 }
@@ -36,7 +38,7 @@ impl Counter {
     }
 
     fn insert(&mut self, key: &[u8], n: i64) -> Result<(), String> {
-        let cost = ENTRY + boxed_cost(key.len());
+        let cost = ENTRY + Key::heap_cost(key.len());
         if self.used + cost > self.limit {
             return Err(OUT_OF_MEMORY.into());
         }

@@ -14,6 +14,7 @@
 //! does not apply to them.
 
 mod counter;
+mod key;
 mod snap;
 mod unique;
 

@@ -2,16 +2,18 @@
 
 use std::collections::{HashMap, HashSet};
 
+use super::key::Key;
 use super::snap::{self, V};
-use super::{boxed_cost, quote, trim, write_counts, OUT_OF_MEMORY};
+use super::{quote, trim, write_counts, OUT_OF_MEMORY};
 
-/// Estimated bytes of one set slot (a boxed slice) beyond the member's allocation.
-const MEMBER: usize = 20;
-/// Estimated bytes of one key's map entry and empty set beyond the key's allocation.
-const KEY: usize = 96;
+/// Estimated bytes of one set slot (24 bytes at the table's load factor) beyond a long
+/// member's own allocation.
+const MEMBER: usize = 28;
+/// Estimated bytes of one key's map entry and empty set beyond a long key's allocation.
+const KEY: usize = 104;
 
 pub(crate) struct Unique {
-    members: HashMap<Box<[u8]>, HashSet<Box<[u8]>>>,
+    members: HashMap<Key, HashSet<Key>>,
     used: usize,
     limit: usize,
 }
@@ -46,7 +48,7 @@ impl Unique {
         let set = match self.members.get_mut(key) {
             Some(set) => set,
             None => {
-                let cost = KEY + boxed_cost(key.len());
+                let cost = KEY + Key::heap_cost(key.len());
                 if *used + cost > limit {
                     return Err(OUT_OF_MEMORY.into());
                 }
@@ -57,7 +59,7 @@ impl Unique {
         if set.contains(member) {
             return Ok(());
         }
-        let cost = MEMBER + boxed_cost(member.len());
+        let cost = MEMBER + Key::heap_cost(member.len());
         if *used + cost > limit {
             return Err(OUT_OF_MEMORY.into());
         }
@@ -115,7 +117,7 @@ impl Unique {
             let set = set.entries("a member set")?;
             if set.is_empty() {
                 // A key with no members still shows in the view, with 0.
-                let cost = KEY + boxed_cost(k.len());
+                let cost = KEY + Key::heap_cost(k.len());
                 self.used += cost;
                 self.members.entry(k[..].into()).or_default();
             }
