@@ -114,6 +114,8 @@ struct SendGroup {
     items: Vec<(u32, SendBatch)>,
     bytes: usize,
     budget: Option<Budget>,
+    /// Frames added by `gather_more`, counted in INFO `requests` when the group is posted.
+    uncounted: u64,
 }
 
 impl SendGroup {
@@ -190,6 +192,7 @@ pub(crate) async fn serve<S: Stream>(
         tx,
         in_flight: InFlight::new(limits.max_in_flight, limits.max_in_flight_bytes),
         group: None,
+        spare: Vec::new(),
     };
     let reason = reader.run(&mut stop).await;
     if let CloseReason::Fatal(_) = reason {
@@ -299,6 +302,8 @@ struct Reader<S> {
     tx: mpsc::Sender<Slot>,
     in_flight: Arc<InFlight>,
     group: Option<SendGroup>,
+    /// An emptied [`SendGroup::items`], kept for the next group.
+    spare: Vec<(u32, SendBatch)>,
 }
 
 impl<S: Stream> Reader<S> {
@@ -416,9 +421,10 @@ impl<S: Stream> Reader<S> {
         }
         let group = self.group.get_or_insert_with(|| SendGroup {
             bucket,
-            items: Vec::new(),
+            items: std::mem::take(&mut self.spare),
             bytes: 0,
             budget: None,
+            uncounted: 0,
         });
         if group.add(id, batch, budget) {
             return self.flush_group().await;
@@ -452,8 +458,7 @@ impl<S: Stream> Reader<S> {
                 return Err(body);
             }
         };
-        let stats = &self.services.engine.stats;
-        stats.requests.fetch_add(1, Ordering::Relaxed);
+        group.uncounted += 1;
         Ok(group.add(id, batch, None))
     }
 
@@ -466,8 +471,11 @@ impl<S: Stream> Reader<S> {
             bucket,
             mut items,
             budget,
+            uncounted,
             ..
         } = group;
+        let stats = &self.services.engine.stats;
+        stats.requests.fetch_add(uncounted, Ordering::Relaxed);
         let refused = |ids: &[u32], e: crate::error::Error| {
             let answers = ids
                 .iter()
@@ -499,6 +507,7 @@ impl<S: Stream> Reader<S> {
                 None => {
                     let ids: Vec<u32> = items.iter().map(|(id, _)| *id).collect();
                     let (reply, rx) = oneshot::channel();
+                    let items = std::mem::take(&mut items);
                     match handle.post(BucketMsg::SendMany { items, reply }).await {
                         Ok(()) => Pending::WaitingMany { ids, rx },
                         Err(e) => refused(&ids, e),
@@ -506,6 +515,9 @@ impl<S: Stream> Reader<S> {
                 }
             },
         };
+        // The next group's vector, unless the actor took this one.
+        items.clear();
+        self.spare = items;
         let slot = Slot {
             pending,
             _budget: budget,
