@@ -40,6 +40,10 @@ struct Args {
     /// Threads serving the connections (0: half the cores, at least 1).
     #[arg(long, default_value_t = 0)]
     io_threads: usize,
+    /// Keep polling for input this many microseconds after the last read instead of sleeping (0: off); costs a busy core while requests keep coming.
+    #[arg(long, value_name = "US", default_value_t = config::DEFAULT_BUSY_POLL.as_micros() as u64,
+          value_parser = clap::value_parser!(u64).range(0..=config::MAX_BUSY_POLL_US))]
+    busy_poll_us: u64,
     /// Size of the durable log's write-ahead segment, in KiB.
     #[arg(long, value_name = "KIB", default_value_t = config::DEFAULT_WAL_SEGMENT >> 10,
           value_parser = clap::value_parser!(u64).range((config::MIN_WAL_SEGMENT >> 10)..=(config::MAX_WAL_SEGMENT >> 10)))]
@@ -107,6 +111,7 @@ fn main() -> ExitCode {
         max_buckets: args.max_buckets,
         workers: args.workers,
         io_threads: args.io_threads,
+        busy_poll: std::time::Duration::from_micros(args.busy_poll_us),
         wal_segment: args.wal_segment_kib << 10,
         writer_nice: args.writer_nice,
         lua_time: std::time::Duration::from_millis(args.handler_time_ms),

@@ -13,6 +13,11 @@ pub struct ServerStats {
     started: Instant,
     max_frame: u32,
     max_connections: usize,
+    busy_poll: std::time::Duration,
+    /// Times the I/O thread started busy polling ([`crate::config::DEFAULT_BUSY_POLL`]).
+    pub busy_polls: AtomicU64,
+    /// Microseconds it spent busy polling.
+    pub busy_poll_micros: AtomicU64,
     /// Connections open now.
     pub connections: AtomicU64,
     /// Connections accepted since start.
@@ -32,6 +37,9 @@ impl ServerStats {
             started: Instant::now(),
             max_frame: config.max_frame,
             max_connections: config.max_connections,
+            busy_poll: config.busy_poll,
+            busy_polls: AtomicU64::new(0),
+            busy_poll_micros: AtomicU64::new(0),
             connections: AtomicU64::new(0),
             connections_total: AtomicU64::new(0),
             connections_refused: AtomicU64::new(0),
@@ -54,6 +62,11 @@ impl ServerStats {
                 "total": load(&self.connections_total),
                 "refused": load(&self.connections_refused),
                 "max": self.max_connections,
+            },
+            "busy_poll": {
+                "window_us": self.busy_poll.as_micros() as u64,
+                "episodes": load(&self.busy_polls),
+                "polling_ms": load(&self.busy_poll_micros) / 1000,
             },
             "requests": load(&self.requests),
             "protocol_errors": load(&self.protocol_errors),

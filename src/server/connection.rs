@@ -353,7 +353,7 @@ impl<S: Stream> Reader<S> {
             tokio::select! {
                 read = self.rd.read_buf(&mut self.buf) => match read {
                     Ok(0) => return CloseReason::PeerClosed,
-                    Ok(_) => {}
+                    Ok(_) => self.services.spin.touch(),
                     Err(e) => return CloseReason::Io(e),
                 },
                 _ = stop.changed() => {

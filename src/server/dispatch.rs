@@ -21,6 +21,7 @@ use crate::protocol::{Command, Request, Response};
 pub(crate) struct Services {
     pub engine: Arc<Engine>,
     pub auth: Arc<Auth>,
+    pub spin: Arc<super::spin::Spin>,
 }
 
 /// A connection's state as requests see it.

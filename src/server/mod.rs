@@ -5,6 +5,7 @@ mod budget;
 mod connection;
 mod dispatch;
 mod listener;
+mod spin;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -127,10 +128,11 @@ impl Server {
                     addr: config.listen,
                     source,
                 })?;
+        let spin = spin::Spin::new(config.busy_poll);
         Ok(Server {
             listener,
             tls,
-            services: Services { engine, auth },
+            services: Services { engine, auth, spin },
             config,
         })
     }
@@ -152,6 +154,7 @@ impl Server {
     /// answer what it has read, closes them and stops the handler threads.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let engine = self.services.engine.clone();
+        let spinner = tokio::spawn(self.services.spin.clone().run(engine.clone()));
         listener::run(
             self.listener,
             self.tls,
@@ -160,6 +163,10 @@ impl Server {
             shutdown,
         )
         .await;
+        // Wait for the aborted task to be dropped: it holds the engine, and with it the
+        // database file, which a restart in the same process must be able to open.
+        spinner.abort();
+        let _ = spinner.await;
         let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
     }
 }

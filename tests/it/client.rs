@@ -302,3 +302,24 @@ async fn info_reports_counters() {
     assert_eq!(code(missing), Some(ErrorCode::NoSuchBucket));
     server.stop().await;
 }
+
+// A read starts the I/O thread's busy polling (or not, with the window at zero), and
+// INFO reports the window and the episodes.
+#[tokio::test]
+async fn info_shows_busy_polling_started_by_reads() {
+    for (window_us, polled) in [(0, false), (50, true)] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let server = TestServer::start_with(bucketly::Config {
+            busy_poll: std::time::Duration::from_micros(window_us),
+            ..config_in(dir.path())
+        })
+        .await;
+        // The LOGIN read has started an episode by the time the login is answered.
+        let info = server.client().await.info(None).await.expect("INFO");
+        let poll = &info["busy_poll"];
+        assert_eq!(poll["window_us"], window_us, "{poll}");
+        let episodes = poll["episodes"].as_u64().expect("episodes");
+        assert_eq!(episodes > 0, polled, "{poll}");
+        server.stop().await;
+    }
+}
