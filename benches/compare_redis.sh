@@ -106,6 +106,11 @@ d=()
 for _ in $(seq "$ROUNDS"); do d+=("$(bucketly_eps -c 50 -P 1 -e 100 --duration "$SECS")"); done
 row "(d) SEND of 100 events, 50 conns" ">= 1000000 ev/s" "-" "$(median "${d[@]}")"
 echo "  (d): bucketly ${d[*]}" >&2
+stop "$BPID"
+# For the record: (a) without busy polling (bucketlyd --busy-poll-us 0), the
+# daemon's default before it polled for 50 us after each read.
+start_bucketly nopoll --busy-poll-us 0
+versus "(a) same, --busy-poll-us 0" "(for the record)" "-c 1 -P 1 -n 100000" "-c 1 -P 1"
 stop "$RPID"; stop "$BPID"
 
 echo "durable: redis appendonly yes, appendfsync always vs a durable bucket" >&2
