@@ -16,7 +16,7 @@ pub struct ServerStats {
     busy_poll: std::time::Duration,
     /// Times the I/O thread started busy polling ([`crate::config::DEFAULT_BUSY_POLL`]).
     pub busy_polls: AtomicU64,
-    /// Microseconds it spent busy polling.
+    /// Microseconds of wall time it spent busy polling.
     pub busy_poll_micros: AtomicU64,
     /// Connections open now.
     pub connections: AtomicU64,
