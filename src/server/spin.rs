@@ -12,7 +12,7 @@
 //! before. It is the user-space version of Linux's `busy_read` socket option, whose
 //! suggested value is also 50 µs.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,7 +25,8 @@ use crate::engine::ServerStats;
 #[derive(Debug)]
 pub(crate) struct Spin {
     window: Duration,
-    reads: AtomicU64,
+    /// Whether a read came since the task last looked.
+    read: AtomicBool,
     polling: AtomicBool,
     wake: Notify,
 }
@@ -35,7 +36,7 @@ impl Spin {
     pub(crate) fn new(window: Duration) -> Arc<Spin> {
         Arc::new(Spin {
             window,
-            reads: AtomicU64::new(0),
+            read: AtomicBool::new(false),
             polling: AtomicBool::new(false),
             wake: Notify::new(),
         })
@@ -47,7 +48,11 @@ impl Spin {
         if self.window.is_zero() {
             return;
         }
-        self.reads.fetch_add(1, Ordering::Relaxed);
+        // A load first: while reads keep coming the flag is already set, and the
+        // connections do not write to the shared line on every read.
+        if !self.read.load(Ordering::Relaxed) {
+            self.read.store(true, Ordering::Relaxed);
+        }
         if !self.polling.load(Ordering::Relaxed) {
             // Stores a permit if the task is not waiting yet: no read is missed.
             self.wake.notify_one();
@@ -75,14 +80,14 @@ impl Spin {
             self.polling.store(true, Ordering::Relaxed);
             stats.busy_polls.fetch_add(1, Ordering::Relaxed);
             let start = now();
-            let (mut seen, mut last) = (self.reads.load(Ordering::Relaxed), start);
+            self.read.store(false, Ordering::Relaxed);
+            let mut last = start;
             loop {
                 tokio::task::yield_now().await;
                 std::thread::yield_now();
-                let reads = self.reads.load(Ordering::Relaxed);
                 let t = now();
-                if reads != seen {
-                    (seen, last) = (reads, t);
+                if self.read.swap(false, Ordering::Relaxed) {
+                    last = t;
                 } else if t.duration_since(last) >= self.window {
                     let micros = t.duration_since(start).as_micros();
                     stats
