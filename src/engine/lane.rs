@@ -40,7 +40,7 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use tokio::sync::oneshot;
 
-use crate::protocol::{SendBatch, SendOutcome};
+use crate::protocol::{SendOutcome, SendView};
 use crate::script::SharedNative;
 use crate::store::log::SEND_TAG;
 
@@ -113,8 +113,14 @@ impl Lane {
 
     /// Applies consecutive SEND frames here if the lane is open and the actor idle.
     /// `None`: post them.
-    pub fn try_apply(&self, items: &[(u32, SendBatch)], stats: &BucketStats) -> Option<Applied> {
-        let events: usize = items.iter().map(|(_, b)| b.len()).sum();
+    pub fn try_apply<'a>(
+        &self,
+        items: impl Iterator<Item = (u32, SendView<'a>)> + Clone,
+        stats: &BucketStats,
+    ) -> Option<Applied> {
+        let (frames, events) = items
+            .clone()
+            .fold((0, 0), |(f, e), (_, b)| (f + 1, e + b.len()));
         if self.queued.load(Ordering::SeqCst) != 0 || events > MAX_LANE_EVENTS {
             return None;
         }
@@ -129,9 +135,9 @@ impl Lane {
         {
             return None;
         }
-        let mut frames = BytesMut::with_capacity(items.len() * 19);
+        let mut out = BytesMut::with_capacity(frames * 19);
         let (mut accepted, mut rejected) = (0u64, 0u64);
-        for (id, batch) in items {
+        for (id, batch) in items.clone() {
             let mut outcome = SendOutcome::default();
             for (i, event) in batch.iter().enumerate() {
                 match state.native.send(event) {
@@ -141,27 +147,27 @@ impl Lane {
             }
             accepted += u64::from(outcome.accepted);
             rejected += u64::from(outcome.rejected);
-            outcome.encode_answer(*id, &mut frames);
+            outcome.encode_answer(id, &mut out);
         }
         state.inline_events += accepted;
         // Counted under the lock, before the actor can take these events: it stores
         // `pending` only after taking them.
-        stats.sends.fetch_add(items.len() as u64, Ordering::Relaxed);
+        stats.sends.fetch_add(frames as u64, Ordering::Relaxed);
         stats.events.fetch_add(accepted, Ordering::Relaxed);
         stats.rejected.fetch_add(rejected, Ordering::Relaxed);
         stats.pending.fetch_add(accepted, Ordering::Relaxed);
         let memory = state.native.memory_used() as u64;
         stats.memory.store(memory, Ordering::Relaxed);
         let answers = EncodedAnswers {
-            count: items.len(),
-            frames: frames.freeze(),
+            count: frames,
+            frames: out.freeze(),
         };
         let Some(log) = &attached.log else {
             return Some(Applied::Now(answers));
         };
         // Queued before the lock is released: see the module docs.
-        let record = group_record(items, events);
-        let ids = items.iter().map(|(id, _)| *id).collect();
+        let record = group_record(items.clone(), events);
+        let ids = items.map(|(id, _)| id).collect();
         let rx = log.append(record, answers, ids);
         drop(state);
         Some(Applied::AfterCommit(rx))
@@ -170,8 +176,11 @@ impl Lane {
 
 /// One SEND record of every event of the group (`SEND_TAG count events`), as the actor
 /// gathers a group's records into one.
-fn group_record(items: &[(u32, SendBatch)], events: usize) -> Vec<u8> {
-    let bytes: usize = items.iter().map(|(_, b)| b.wire_len()).sum();
+fn group_record<'a>(
+    items: impl Iterator<Item = (u32, SendView<'a>)> + Clone,
+    events: usize,
+) -> Vec<u8> {
+    let bytes: usize = items.clone().map(|(_, b)| b.wire_len()).sum();
     let mut record = Vec::with_capacity(5 + bytes);
     record.push(SEND_TAG);
     record.extend_from_slice(&(events as u32).to_be_bytes());
@@ -184,7 +193,12 @@ fn group_record(items: &[(u32, SendBatch)], events: usize) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::SendBatch;
     use crate::script::{HandlerCatalog, HandlerInstance, ScriptLimits};
+
+    fn views(group: &[(u32, SendBatch)]) -> impl Iterator<Item = (u32, SendView<'_>)> + Clone {
+        group.iter().map(|(id, b)| (*id, b.view()))
+    }
 
     fn counter() -> HandlerInstance {
         let source = HandlerCatalog::stock()
@@ -206,14 +220,17 @@ mod tests {
         let (lane, stats, instance) = (Lane::default(), BucketStats::default(), counter());
         let group = frames(3, 4);
         assert!(
-            lane.try_apply(&group, &stats).is_none(),
+            lane.try_apply(views(&group), &stats).is_none(),
             "no state attached"
         );
         lane.attach(instance.shared_native(), None);
-        assert!(lane.try_apply(&group, &stats).is_none(), "attached closed");
+        assert!(
+            lane.try_apply(views(&group), &stats).is_none(),
+            "attached closed"
+        );
         assert_eq!(instance.take_inline_events(true), 0);
 
-        let Some(Applied::Now(answers)) = lane.try_apply(&group, &stats) else {
+        let Some(Applied::Now(answers)) = lane.try_apply(views(&group), &stats) else {
             panic!("applied at once");
         };
         assert_eq!(answers.count, 3);
@@ -223,19 +240,22 @@ mod tests {
 
         let queued = lane.queue();
         assert!(
-            lane.try_apply(&group, &stats).is_none(),
+            lane.try_apply(views(&group), &stats).is_none(),
             "a message is queued"
         );
         drop(queued);
         let too_big = frames(2, MAX_LANE_EVENTS / 2 + 1);
         assert!(
-            lane.try_apply(&too_big, &stats).is_none(),
+            lane.try_apply(views(&too_big), &stats).is_none(),
             "too large a group"
         );
 
         assert_eq!(instance.take_inline_events(false), 12, "handed over once");
         assert_eq!(instance.take_inline_events(false), 0);
-        assert!(lane.try_apply(&group, &stats).is_none(), "closed again");
+        assert!(
+            lane.try_apply(views(&group), &stats).is_none(),
+            "closed again"
+        );
         assert_eq!(stats.events.load(Ordering::Relaxed), 12);
     }
 
@@ -254,7 +274,7 @@ mod tests {
 
         let group = frames(3, 4);
         for lsn in 1..=2 {
-            let Some(Applied::AfterCommit(rx)) = lane.try_apply(&group, &stats) else {
+            let Some(Applied::AfterCommit(rx)) = lane.try_apply(views(&group), &stats) else {
                 panic!("a durable group waits for its commit");
             };
             let answers = rx.blocking_recv().expect("answered after the commit");

@@ -22,5 +22,8 @@ mod proptests;
 pub use codes::ErrorCode;
 pub use frame::{check_frame, FrameError, FRAME_HEADER_LEN};
 pub use handshake::{ClientHello, ServerHello, MAGIC, PROTOCOL_VERSION};
-pub use request::{encode_send, Command, Request, RequestError, Secret, SendBatch};
+pub use request::{
+    encode_send, send_frame_to, Command, Request, RequestError, Secret, SendBatch, SendFrame,
+    SendView,
+};
 pub use response::{Response, SendOutcome, Status};

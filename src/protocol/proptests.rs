@@ -5,7 +5,10 @@ use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
 
 use super::frame::check_frame;
-use super::{ClientHello, Command, Request, Response, SendBatch, SendOutcome, ServerHello, Status};
+use super::{
+    send_frame_to, ClientHello, Command, Request, Response, SendBatch, SendOutcome, SendView,
+    ServerHello, Status,
+};
 
 fn name() -> impl Strategy<Value = String> {
     "[a-z0-9._:-]{0,20}"
@@ -109,23 +112,32 @@ proptest! {
         req in request(),
         other in name(),
         flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+        tail in blob(),
     ) {
         let body = mutated(&req, &flips);
         let decoded = Request::decode(body.clone());
+        // The frame, then whatever follows it in the buffer.
+        let mut buf = (body.len() as u32).to_be_bytes().to_vec();
+        buf.extend_from_slice(&body);
+        let whole = buf.len();
+        buf.extend_from_slice(&tail);
+        let events = |b: SendView<'_>| b.iter().map(<[u8]>::to_vec).collect::<Vec<_>>();
         for bucket in [other.as_str(), send_target(&req).unwrap_or("")] {
             // Where the shortcut answers, decode agrees; where decode reads a SEND to
             // this bucket, the shortcut answers.
             let expected = match &decoded {
                 Ok(Request { id, command: Command::Send { bucket: b, batch } }) if b == bucket => {
-                    Some((*id, batch.clone()))
+                    Some((*id, events(batch.view()), whole))
                 }
                 _ => None,
             };
-            let got = Request::decode_send_to(body.clone(), bucket);
-            prop_assert_eq!(got.as_ref().ok(), expected.as_ref());
-            // A body it does not take is given back whole.
-            if let Err(back) = got {
-                prop_assert_eq!(back, body.clone());
+            let got = send_frame_to(&buf, bucket, u32::MAX)
+                .map(|f| (f.id, events(SendView::of_frame(&buf, &f)), f.len));
+            prop_assert_eq!(&got, &expected);
+            if expected.is_some() {
+                // Never a frame longer than the maximum, nor an incomplete one.
+                prop_assert!(send_frame_to(&buf, bucket, body.len() as u32 - 1).is_none());
+                prop_assert!(send_frame_to(&buf[..whole - 1], bucket, u32::MAX).is_none());
             }
         }
     }
@@ -139,10 +151,9 @@ proptest! {
         let req = Request { id: 9, command: Command::Send { bucket: bucket.clone(), batch: SendBatch::from_events(&events) } };
         let mut out = BytesMut::new();
         req.encode(&mut out);
-        let mut body = out[4..].to_vec();
-        let is_send = body[0] == opcode;
-        body[0] = opcode;
-        prop_assert_eq!(Request::decode_send_to(Bytes::from(body), &bucket).is_ok(), is_send);
+        let is_send = out[4] == opcode;
+        out[4] = opcode;
+        prop_assert_eq!(send_frame_to(&out, &bucket, u32::MAX).is_some(), is_send);
     }
 
     #[test]

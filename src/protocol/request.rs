@@ -23,10 +23,10 @@
 //! | 0x20 | SUBSCRIBE | bucket:str16                                           |
 //! | 0x21 | UNSUBSCRIBE | subscription:u32be                                   |
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 
 use super::codes::ErrorCode;
-use super::frame::write_frame;
+use super::frame::{check_frame, write_frame, FRAME_HEADER_LEN};
 use super::wire::{put_blob32, put_str16, Reader, WireError};
 
 /// Opcode of PING.
@@ -316,17 +316,17 @@ impl SendBatch {
 
     /// Number of events.
     pub fn len(&self) -> usize {
-        self.count as usize
+        self.view().len()
     }
 
     /// Whether the batch has no events.
     pub fn is_empty(&self) -> bool {
-        self.count == 0
+        self.view().is_empty()
     }
 
     /// Bytes the batch occupies on the wire (without bucket and count).
     pub fn wire_len(&self) -> usize {
-        self.data.len()
+        self.view().wire_len()
     }
 
     /// The batch as stored in a durable log record: `count:u32be` then the events, the
@@ -343,12 +343,6 @@ impl SendBatch {
         out.extend_from_slice(&self.data);
     }
 
-    /// Appends the events alone (without the count) to `out`: to join batches into one
-    /// record.
-    pub fn write_events(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.data);
-    }
-
     /// Reads what [`SendBatch::to_record`] wrote.
     ///
     /// # Errors
@@ -360,15 +354,33 @@ impl SendBatch {
 
     /// The events in order.
     pub fn iter(&self) -> impl Iterator<Item = &[u8]> + '_ {
-        let mut rest: &[u8] = &self.data;
-        std::iter::from_fn(move || {
-            let (len, tail) = rest.split_first_chunk::<4>()?;
-            let len = u32::from_be_bytes(*len) as usize;
-            // Invariant from `decode`/`from_events`: every length fits.
-            let (event, tail) = tail.split_at(len.min(tail.len()));
-            rest = tail;
-            Some(event)
-        })
+        self.view().iter()
+    }
+
+    /// The batch, borrowed.
+    pub fn view(&self) -> SendView<'_> {
+        SendView {
+            count: self.count,
+            data: &self.data,
+        }
+    }
+
+    /// The batch `frame` found in `run` (which [`send_frame_to`] read it from).
+    pub(crate) fn of_frame(run: &Bytes, frame: &SendFrame) -> SendBatch {
+        match frame.events.end <= run.len() {
+            true => SendBatch::from_parts(frame.count, run.slice(frame.events.clone())),
+            false => SendBatch::from_parts(0, Bytes::new()),
+        }
+    }
+
+    /// A batch of `count` events whose bytes the caller already validated.
+    pub(crate) fn from_parts(count: u32, data: Bytes) -> SendBatch {
+        SendBatch { count, data }
+    }
+
+    /// The event count and the events' bytes (what [`SendBatch::from_parts`] takes).
+    pub(crate) fn into_parts(self) -> (u32, Bytes) {
+        (self.count, self.data)
     }
 
     fn decode(r: &mut Reader) -> Result<SendBatch, WireError> {
@@ -397,6 +409,90 @@ impl SendBatch {
         }
         Ok(())
     }
+}
+
+/// The events of one SEND frame, borrowed from the buffer they were read into: what a
+/// [`SendBatch`] holds, without owning (or counting a reference to) the bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendView<'a> {
+    count: u32,
+    /// Exactly `count` blob32 fields, nothing more.
+    data: &'a [u8],
+}
+
+impl<'a> SendView<'a> {
+    /// The events of `frame` in `buf`, the buffer [`send_frame_to`] read it from.
+    pub fn of_frame(buf: &'a [u8], frame: &SendFrame) -> SendView<'a> {
+        SendView {
+            count: frame.count,
+            data: buf.get(frame.events.clone()).unwrap_or_default(),
+        }
+    }
+
+    /// Number of events.
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    /// Whether the batch has no events.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Bytes the events occupy on the wire (without bucket and count).
+    pub fn wire_len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// The events in order.
+    pub fn iter(&self) -> impl Iterator<Item = &'a [u8]> {
+        let mut rest: &'a [u8] = self.data;
+        std::iter::from_fn(move || {
+            let (len, tail) = rest.split_first_chunk::<4>()?;
+            let len = u32::from_be_bytes(*len) as usize;
+            // Invariant from `decode`/`from_events`/`send_frame_to`: every length fits.
+            let (event, tail) = tail.split_at(len.min(tail.len()));
+            rest = tail;
+            Some(event)
+        })
+    }
+
+    /// Appends the events alone (without the count) to `out`: to join batches into one
+    /// record.
+    pub fn write_events(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.data);
+    }
+}
+
+/// Where [`send_frame_to`] found a SEND frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendFrame {
+    /// The request id.
+    pub id: u32,
+    /// The number of events.
+    pub count: u32,
+    /// Where the events lie in the buffer.
+    pub events: std::ops::Range<usize>,
+    /// The length of the whole frame, its header included.
+    pub len: usize,
+}
+
+/// The frame at the start of `buf`, if it is complete (and at most `max` bytes long) and
+/// a well-formed SEND to `bucket`: what [`Request::decode`] would read from its body,
+/// found without copying anything, for a server that gathers consecutive SENDs to one
+/// bucket. `None` for anything else, which the framing and [`Request::decode`] then
+/// read and, if it is wrong, report.
+pub fn send_frame_to(buf: &[u8], bucket: &str, max: u32) -> Option<SendFrame> {
+    let len = check_frame(buf, max).ok()??;
+    let body = buf.get(FRAME_HEADER_LEN..FRAME_HEADER_LEN + len)?;
+    let (id, count, at) = send_header_to(body, bucket)?;
+    SendBatch::fits(count, &body[at..]).ok()?;
+    Some(SendFrame {
+        id,
+        count,
+        events: FRAME_HEADER_LEN + at..FRAME_HEADER_LEN + len,
+        len: FRAME_HEADER_LEN + len,
+    })
 }
 
 /// The id and event count of a SEND body to `bucket`, and where its events start.
@@ -566,24 +662,6 @@ impl Request {
         };
         r.finish().map_err(malformed)?;
         Ok(Request { id, command })
-    }
-
-    /// Reads `body` only if it is a well-formed SEND to `bucket`, giving what
-    /// [`Request::decode`] would, without copying the name: for a server that gathers
-    /// consecutive SENDs to one bucket. `None` for any other body, which
-    /// [`Request::decode`] then reads and, if it is wrong, reports.
-    ///
-    /// # Errors
-    /// The body, untouched, if it is not such a SEND.
-    pub fn decode_send_to(mut body: Bytes, bucket: &str) -> Result<(u32, SendBatch), Bytes> {
-        let Some((id, count, at)) = send_header_to(&body, bucket) else {
-            return Err(body);
-        };
-        if SendBatch::fits(count, &body[at..]).is_err() {
-            return Err(body);
-        }
-        body.advance(at);
-        Ok((id, SendBatch { count, data: body }))
     }
 
     /// Appends this request as a frame to `out`.

@@ -71,26 +71,23 @@ impl Budget {
     /// Adds one more request of `cost` bytes if the budget has room now; false (and
     /// nothing taken) if it has not.
     pub(crate) fn try_add(&mut self, cost: u32) -> bool {
+        self.try_add_many(1, cost)
+    }
+
+    /// Adds `requests` more requests of `cost` bytes in all if the budget has room for
+    /// all of them now; false (and nothing taken) if it has not.
+    pub(crate) fn try_add_many(&mut self, requests: u32, cost: u32) -> bool {
         let Ok(bytes) = self.pool.bytes.try_acquire_many(cost) else {
             return false;
         };
-        let Ok(request) = self.pool.requests.try_acquire() else {
+        let Ok(request) = self.pool.requests.try_acquire_many(requests) else {
             return false;
         };
         bytes.forget();
         request.forget();
         self.bytes += u64::from(cost);
-        self.requests += 1;
+        self.requests += u64::from(requests);
         true
-    }
-
-    /// Gives back the last [`Budget::try_add`] of `cost` bytes.
-    pub(crate) fn remove(&mut self, cost: u32) {
-        let (bytes, requests) = (u64::from(cost).min(self.bytes), self.requests.min(1));
-        self.bytes -= bytes;
-        self.requests -= requests;
-        self.pool.bytes.add_permits(bytes as usize);
-        self.pool.requests.add_permits(requests as usize);
     }
 
     /// Takes over the shares of `other` (of the same connection).
@@ -126,10 +123,15 @@ mod tests {
         let more = pool.try_take(20).expect("20 bytes free");
         assert!(pool.try_take(1).is_none());
         run.merge(more);
-        // 100 bytes and 3 requests are out; taking one back frees one of each.
+        // 100 bytes and 3 requests are out.
         assert!(!run.try_add(0));
-        run.remove(20);
-        assert!(run.try_add(20));
+        drop(run);
+        // Many at once: all or nothing.
+        let mut run = pool.try_take(10).expect("room");
+        assert!(!run.try_add_many(3, 10), "4 requests exceed 3");
+        assert!(!run.try_add_many(2, 91), "101 bytes exceed 100");
+        assert!(run.try_add_many(2, 90));
+        assert!(pool.try_take(0).is_none(), "all 3 requests are out");
         drop(run);
         let all = pool.try_take(100).expect("everything was given back");
         drop(all);

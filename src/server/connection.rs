@@ -29,6 +29,7 @@ use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
 use super::budget::{Budget, InFlight};
 use super::dispatch::{ConnState, Pending, Services};
+use super::group::{SendGroup, Spare};
 
 use crate::auth::Permission;
 use crate::auth::Session;
@@ -106,36 +107,6 @@ struct Slot {
     _budget: Option<Budget>,
 }
 
-/// Consecutive SEND frames to one bucket found in one read buffer: posted to the bucket
-/// as one message and answered in one go, so a pipelining client costs one mailbox
-/// message and one wake-up per read rather than per frame.
-struct SendGroup {
-    bucket: String,
-    items: Vec<(u32, SendBatch)>,
-    bytes: usize,
-    budget: Option<Budget>,
-    /// Frames added by `gather_more`, counted in INFO `requests` when the group is posted.
-    uncounted: u64,
-}
-
-impl SendGroup {
-    /// Adds a SEND and the budget it holds; true if the group is now full.
-    fn add(&mut self, id: u32, batch: SendBatch, budget: Option<Budget>) -> bool {
-        self.bytes += batch.wire_len();
-        self.items.push((id, batch));
-        match (&mut self.budget, budget) {
-            (Some(mine), Some(more)) => mine.merge(more),
-            (mine @ None, more) => *mine = more,
-            (Some(_), None) => {}
-        }
-        self.items.len() >= GROUP_MAX_FRAMES || self.bytes >= GROUP_MAX_BYTES
-    }
-}
-
-/// Largest [`SendGroup`]: frames, and bytes of events.
-const GROUP_MAX_FRAMES: usize = 64;
-const GROUP_MAX_BYTES: usize = 1024 * 1024;
-
 /// A connection's byte stream: TCP, or TLS over TCP.
 pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for S {}
@@ -192,7 +163,7 @@ pub(crate) async fn serve<S: Stream>(
         tx,
         in_flight: InFlight::new(limits.max_in_flight, limits.max_in_flight_bytes),
         group: None,
-        spare: Vec::new(),
+        spare: Spare::default(),
     };
     let reason = reader.run(&mut stop).await;
     if let CloseReason::Fatal(_) = reason {
@@ -302,8 +273,8 @@ struct Reader<S> {
     tx: mpsc::Sender<Slot>,
     in_flight: Arc<InFlight>,
     group: Option<SendGroup>,
-    /// An emptied [`SendGroup::items`], kept for the next group.
-    spare: Vec<(u32, SendBatch)>,
+    /// An emptied group's vectors, kept for the next group.
+    spare: Spare,
 }
 
 impl<S: Stream> Reader<S> {
@@ -311,19 +282,24 @@ impl<S: Stream> Reader<S> {
         loop {
             // Route every complete frame already buffered before reading again.
             loop {
+                // The SENDs that follow a routed one to the same bucket join its group
+                // straight from the buffer (`SendGroup::gather`).
+                let (max_frame, max_cost) =
+                    (self.limits.max_frame, self.limits.max_in_flight_bytes);
+                let gathered = (self.group.as_mut())
+                    .and_then(|g| g.gather(&mut self.buf, max_frame, max_cost));
+                if let Some(full) = gathered {
+                    if full && !self.flush_group().await {
+                        return CloseReason::PeerClosed;
+                    }
+                    continue;
+                }
                 match check_frame(&self.buf, self.limits.max_frame) {
                     Ok(Some(len)) => {
                         let mut body = self.buf.split_to(4 + len).freeze();
                         body.advance(4);
-                        let full = match self.gather_more(body) {
-                            Ok(full) => full,
-                            Err(body) => match self.route(body).await {
-                                Some(reason) => return reason,
-                                None => false,
-                            },
-                        };
-                        if full && !self.flush_group().await {
-                            return CloseReason::PeerClosed;
+                        if let Some(reason) = self.route(body).await {
+                            return reason;
                         }
                     }
                     Ok(None) => break,
@@ -419,109 +395,69 @@ impl<S: Stream> Reader<S> {
         if self.group.as_ref().is_some_and(|g| g.bucket != bucket) && !self.flush_group().await {
             return false;
         }
-        let group = self.group.get_or_insert_with(|| SendGroup {
-            bucket,
-            items: std::mem::take(&mut self.spare),
-            bytes: 0,
-            budget: None,
-            uncounted: 0,
-        });
+        let group = self
+            .group
+            .get_or_insert_with(|| SendGroup::new(bucket, std::mem::take(&mut self.spare)));
         if group.add(id, batch, budget) {
             return self.flush_group().await;
         }
         true
     }
 
-    /// Adds a SEND to the group without routing it when it goes to the group's bucket and
-    /// its budget is free; gives the body back otherwise. Ok(true) if the group is now
-    /// full.
-    ///
-    /// The group's first SEND was routed, its user and permission checked, after the
-    /// read that brought it, and nothing was awaited since (`route` posts another
-    /// bucket's group before its checks). This one came in the same read (a group is
-    /// posted before every read), so that check covers it, as the spec allows (§6).
-    fn gather_more(&mut self, body: Bytes) -> Result<bool, Bytes> {
-        let Some(group) = self.group.as_mut() else {
-            return Err(body);
-        };
-        let Some(budget) = group.budget.as_mut() else {
-            return Err(body);
-        };
-        let cost = body.len().clamp(1, self.limits.max_in_flight_bytes) as u32;
-        if !budget.try_add(cost) {
-            return Err(body);
-        }
-        let (id, batch) = match Request::decode_send_to(body, &group.bucket) {
-            Ok(send) => send,
-            Err(body) => {
-                budget.remove(cost);
-                return Err(body);
-            }
-        };
-        group.uncounted += 1;
-        Ok(group.add(id, batch, None))
-    }
-
     /// Posts the gathered SENDs to their bucket; false if the writer is gone.
     async fn flush_group(&mut self) -> bool {
-        let Some(group) = self.group.take() else {
+        let Some(mut group) = self.group.take() else {
             return true;
         };
-        let SendGroup {
-            bucket,
-            mut items,
-            budget,
-            uncounted,
-            ..
-        } = group;
         let stats = &self.services.engine.stats;
-        stats.requests.fetch_add(uncounted, Ordering::Relaxed);
-        let refused = |ids: &[u32], e: crate::error::Error| {
+        stats.requests.fetch_add(group.uncounted, Ordering::Relaxed);
+        let refused = |ids: Vec<u32>, e: crate::error::Error| {
             let answers = ids
-                .iter()
-                .map(|&id| Response::error(id, e.code(), &e.to_string()))
+                .into_iter()
+                .map(|id| Response::error(id, e.code(), &e.to_string()))
                 .collect();
             Pending::ReadyMany(answers)
         };
-        let pending = match self.services.engine.bucket(&bucket) {
-            Err(e) => {
-                let ids: Vec<u32> = items.iter().map(|(id, _)| *id).collect();
-                refused(&ids, e)
-            }
+        let pending = match self.services.engine.bucket(&group.bucket) {
+            Err(e) => refused(group.ids(), e),
             // Applied right here when the bucket allows it and is idle (`engine::lane`).
-            Ok(handle) => match handle.shared.lane.try_apply(&items, &handle.shared.stats) {
+            Ok(handle) => match handle
+                .shared
+                .lane
+                .try_apply(group.views(), &handle.shared.stats)
+            {
                 Some(Applied::Now(answers)) => Pending::Encoded(answers),
                 Some(Applied::AfterCommit(rx)) => Pending::WaitingMany {
-                    ids: items.iter().map(|(id, _)| *id).collect(),
+                    ids: group.ids(),
                     rx,
                 },
                 // One frame (the unpipelined case): a plain SEND, nothing to gather.
-                None if items.len() == 1 => {
-                    let (id, batch) = items.remove(0);
+                None if group.len() == 1 => {
+                    let (id, batch) = group.batches().remove(0);
                     let (reply, rx) = oneshot::channel();
                     match handle.post(BucketMsg::Send { id, batch, reply }).await {
                         Ok(()) => Pending::Waiting { id, rx },
-                        Err(e) => refused(&[id], e),
+                        Err(e) => refused(vec![id], e),
                     }
                 }
                 None => {
-                    let ids: Vec<u32> = items.iter().map(|(id, _)| *id).collect();
                     let (reply, rx) = oneshot::channel();
-                    let items = std::mem::take(&mut items);
+                    let items = group.batches();
                     match handle.post(BucketMsg::SendMany { items, reply }).await {
-                        Ok(()) => Pending::WaitingMany { ids, rx },
-                        Err(e) => refused(&ids, e),
+                        Ok(()) => Pending::WaitingMany {
+                            ids: group.ids(),
+                            rx,
+                        },
+                        Err(e) => refused(group.ids(), e),
                     }
                 }
             },
         };
-        // The next group's vector, unless the actor took this one.
-        items.clear();
-        self.spare = items;
         let slot = Slot {
             pending,
-            _budget: budget,
+            _budget: group.budget.take(),
         };
+        self.spare = group.into_spare();
         self.tx.send(slot).await.is_ok()
     }
 

@@ -4,6 +4,7 @@
 mod budget;
 mod connection;
 mod dispatch;
+mod group;
 mod listener;
 mod spin;
 
