@@ -23,6 +23,10 @@
 //!   does nothing and whose `view` returns 0 (`noop_send`, `noop_view`), next to a
 //!   `view` of one key and of all 1,000 keys of a `counter` (the whole aggregate
 //!   converted to JSON; throughput in keys).
+//! - `table`: the lookup the native `counter` does per event (`get_mut` of a present
+//!   key by its bytes), in a table of 1,000 keys of 16 hex digits (what `bucketly
+//!   bench` sends), hashed with the standard SipHash-1-3 (`siphash13`) and with the
+//!   keyed foldhash the native tables use (`foldhash`).
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -226,6 +230,33 @@ fn lua_call(c: &mut Criterion) {
     g.finish();
 }
 
+fn table_with<S: std::hash::BuildHasher + Default>(c: &mut Criterion, name: &str) {
+    let keys: Vec<Vec<u8>> = (0..ROTATION)
+        .map(|i| format!("{:016x}", (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)).into_bytes())
+        .collect();
+    let mut table: std::collections::HashMap<Box<[u8]>, i64, S> = Default::default();
+    for k in &keys {
+        table.insert(k.as_slice().into(), 0);
+    }
+    let mut i = 0usize;
+    c.benchmark_group("table")
+        .throughput(Throughput::Elements(1))
+        .bench_function(name, |b| {
+            b.iter(|| {
+                let key = &keys[i % ROTATION];
+                i = i.wrapping_add(1);
+                if let Some(n) = table.get_mut(black_box(key.as_slice())) {
+                    *n += 1;
+                }
+            })
+        });
+}
+
+fn table(c: &mut Criterion) {
+    table_with::<std::collections::hash_map::RandomState>(c, "siphash13");
+    table_with::<foldhash::quality::RandomState>(c, "foldhash");
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_millis(500))
@@ -236,6 +267,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = micro;
     config = config();
-    targets = codec, handler_send, lua_call
+    targets = codec, handler_send, lua_call, table
 }
 criterion_main!(micro);

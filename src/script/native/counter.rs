@@ -1,17 +1,15 @@
 //! `handlers/counter.lua`, natively: events per key (the trimmed event).
 
-use std::collections::HashMap;
-
 use super::key::Key;
 use super::snap::{self, V};
-use super::{trim, write_counts, OUT_OF_MEMORY};
+use super::{trim, write_counts, Table, OUT_OF_MEMORY};
 
 /// Estimated bytes of one hash-table entry (a 32-byte slot at the table's load factor)
 /// beyond a long key's own allocation.
 const ENTRY: usize = 40;
 
 pub(crate) struct Counter {
-    counts: HashMap<Key, i64>,
+    counts: Table<Key, i64>,
     used: usize,
     limit: usize,
 }
@@ -19,7 +17,7 @@ pub(crate) struct Counter {
 impl Counter {
     pub fn new(limit: usize) -> Counter {
         Counter {
-            counts: HashMap::new(),
+            counts: Table::default(),
             used: 0,
             limit,
         }
@@ -56,7 +54,7 @@ impl Counter {
     }
 
     pub fn clear(&mut self) {
-        self.counts = HashMap::new();
+        self.counts = Table::default();
         self.used = 0;
     }
 

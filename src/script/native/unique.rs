@@ -1,10 +1,8 @@
 //! `handlers/unique.lua`, natively: distinct members per key.
 
-use std::collections::{HashMap, HashSet};
-
 use super::key::Key;
 use super::snap::{self, V};
-use super::{quote, trim, write_counts, OUT_OF_MEMORY};
+use super::{quote, trim, write_counts, Set, Table, OUT_OF_MEMORY};
 
 /// Estimated bytes of one set slot (24 bytes at the table's load factor) beyond a long
 /// member's own allocation.
@@ -13,7 +11,7 @@ const MEMBER: usize = 28;
 const KEY: usize = 104;
 
 pub(crate) struct Unique {
-    members: HashMap<Key, HashSet<Key>>,
+    members: Table<Key, Set<Key>>,
     used: usize,
     limit: usize,
 }
@@ -32,7 +30,7 @@ fn split(event: &[u8]) -> Result<(&[u8], &[u8]), String> {
 impl Unique {
     pub fn new(limit: usize) -> Unique {
         Unique {
-            members: HashMap::new(),
+            members: Table::default(),
             used: 0,
             limit,
         }
@@ -77,7 +75,7 @@ impl Unique {
     }
 
     pub fn clear(&mut self) {
-        self.members = HashMap::new();
+        self.members = Table::default();
         self.used = 0;
     }
 
