@@ -283,7 +283,12 @@ impl<S: Stream> Reader<S> {
             // Route every complete frame already buffered before reading again.
             loop {
                 // The SENDs that follow a routed one to the same bucket join its group
-                // straight from the buffer (`SendGroup::gather`).
+                // straight from the buffer (`SendGroup::gather`). That first SEND was
+                // routed, its user and permission checked, after the read that brought
+                // it, and nothing was awaited since (`route` posts another bucket's
+                // group before its checks). These came in the same read (a group is
+                // posted before every read), so that check covers them, as the spec
+                // allows (protocol-spec/PROTOCOL.md §6).
                 let (max_frame, max_cost) =
                     (self.limits.max_frame, self.limits.max_in_flight_bytes);
                 let gathered = (self.group.as_mut())

@@ -87,7 +87,8 @@ impl SendGroup {
     /// wrong). Else whether the group is now full.
     ///
     /// A frame costs the budget what a routed one does: its body's length, at least 1
-    /// and at most `max_cost`.
+    /// and at most `max_cost`. The caller must hold that the group's routed SEND's
+    /// permission check covers these frames (see `Reader::run`).
     pub fn gather(&mut self, buf: &mut BytesMut, max_frame: u32, max_cost: usize) -> Option<bool> {
         let budget = self.budget.as_mut()?;
         let cost_of = |f: &SendFrame| (f.len - FRAME_HEADER_LEN).clamp(1, max_cost) as u64;
