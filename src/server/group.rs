@@ -63,6 +63,8 @@ impl SendGroup {
         let len = data.len();
         self.frames.push(Gathered {
             run: self.runs.len(),
+            // The whole run is the events; its frame's length is not known here, and
+            // only `gather` reads `len`, of the frames it took itself.
             frame: SendFrame {
                 id,
                 count,
