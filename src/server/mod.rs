@@ -70,11 +70,14 @@ impl Server {
     /// # Errors
     /// [`StartError`] with a one-line reason.
     pub async fn bind(config: Config) -> Result<Server, StartError> {
+        // Before the database is opened, which creates it: a start refused for a bad
+        // flag leaves no file behind.
+        let files = Files::load(&config)?;
         let (path, segment) = (config.database.clone(), config.wal_segment);
         let store = tokio::task::spawn_blocking(move || Store::open_sized(&path, segment))
             .await
             .map_err(|e| StartError::Runtime(std::io::Error::other(e)))??;
-        Server::bind_with_store(config, store).await
+        Server::start(config, files, store).await
     }
 
     /// [`Server::bind`] on a store opened by the caller (tests open one on a
@@ -84,22 +87,12 @@ impl Server {
     /// # Errors
     /// As [`Server::bind`].
     pub async fn bind_with_store(config: Config, store: Store) -> Result<Server, StartError> {
-        let tls = match &config.tls {
-            Some(files) => {
-                let tls =
-                    crate::tls::server_config(&files.cert, &files.key).map_err(StartError::Tls)?;
-                Some(TlsAcceptor::from(tls))
-            }
-            None if !config.listen.ip().is_loopback() => {
-                tracing::warn!(
-                    "listening on {} without TLS: passwords and events cross the network in clear \
-                     (use --tls-cert and --tls-key)",
-                    config.listen
-                );
-                None
-            }
-            None => None,
-        };
+        let files = Files::load(&config)?;
+        Server::start(config, files, store).await
+    }
+
+    async fn start(config: Config, files: Files, store: Store) -> Result<Server, StartError> {
+        let Files { tls, catalog } = files;
         let store = Arc::new(store);
         let users = store.clone();
         let auth = tokio::task::spawn_blocking(move || Auth::load(users))
@@ -113,7 +106,6 @@ impl Server {
             );
         }
         let auth = Arc::new(auth);
-        let catalog = load_catalog(&config)?;
         let users = auth.clone();
         let may_send: crate::engine::SendCheck =
             Arc::new(move |user, bucket| users.allows(user, Permission::Send, bucket));
@@ -169,6 +161,37 @@ impl Server {
         spinner.abort();
         let _ = spinner.await;
         let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
+    }
+}
+
+/// What a start reads from files other than the database: checked first.
+struct Files {
+    tls: Option<TlsAcceptor>,
+    catalog: HandlerCatalog,
+}
+
+impl Files {
+    fn load(config: &Config) -> Result<Files, StartError> {
+        let tls = match &config.tls {
+            Some(files) => {
+                let tls =
+                    crate::tls::server_config(&files.cert, &files.key).map_err(StartError::Tls)?;
+                Some(TlsAcceptor::from(tls))
+            }
+            None if !config.listen.ip().is_loopback() => {
+                tracing::warn!(
+                    "listening on {} without TLS: passwords and events cross the network in clear \
+                     (use --tls-cert and --tls-key)",
+                    config.listen
+                );
+                None
+            }
+            None => None,
+        };
+        Ok(Files {
+            tls,
+            catalog: load_catalog(config)?,
+        })
     }
 }
 

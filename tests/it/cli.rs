@@ -236,6 +236,12 @@ async fn legacy_flags_and_handler_directory() {
         .expect("run");
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot read handlers directory"));
+    // A refused start used to create the database (and its admin user) before it
+    // checked the handlers directory; it now leaves nothing behind.
+    assert!(
+        !dir.path().join("other.redb").exists(),
+        "a refused start created the database"
+    );
 }
 
 // `bucketly bench` sends exactly what it reports: with --keep, the bucket it created
