@@ -131,4 +131,8 @@ async fn cli_over_tls() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("TLS:"), "{stderr}");
+    assert!(
+        !dir.path().join("x.redb").exists(),
+        "a refused start created the database"
+    );
 }
