@@ -27,9 +27,9 @@
 //! The lane never waits for the actor's queue: if the actor has work queued, the frames
 //! are posted as usual. It waits at most [`LOCK_WAIT`] for the lock (held by another
 //! connection's group, or briefly by the actor), then posts. And it takes only groups of
-//! at most [`MAX_LANE_EVENTS`] events, so a connection's thread, which serves other
-//! connections too, is never held for long (well under a millisecond); a larger group
-//! goes to the handler thread.
+//! at most [`MAX_LANE_EVENTS`] events and [`MAX_LANE_BYTES`] bytes of events, so a
+//! connection's thread, which serves other connections too, is never held for long
+//! (well under a millisecond); a larger group goes to the handler thread.
 //!
 //! [`HandlerInstance::take_inline_events`]: crate::script::HandlerInstance
 //! [`LaneLog`]: super::durable::LaneLog
@@ -52,6 +52,9 @@ const LOCK_WAIT: std::time::Duration = std::time::Duration::from_micros(50);
 
 /// Most events in a group the lane applies.
 pub(crate) const MAX_LANE_EVENTS: usize = 8192;
+/// Most bytes of events (as on the wire) in a group the lane applies: a few huge events
+/// would otherwise hold the connection's thread while they are hashed and copied.
+pub(crate) const MAX_LANE_BYTES: usize = 1 << 20;
 
 /// A bucket's fast lane ([module docs](self)).
 #[derive(Default)]
@@ -118,10 +121,13 @@ impl Lane {
         items: impl Iterator<Item = (u32, SendView<'a>)> + Clone,
         stats: &BucketStats,
     ) -> Option<Applied> {
-        let (frames, events) = items
-            .clone()
-            .fold((0, 0), |(f, e), (_, b)| (f + 1, e + b.len()));
-        if self.queued.load(Ordering::SeqCst) != 0 || events > MAX_LANE_EVENTS {
+        let (frames, events, bytes) = items.clone().fold((0, 0, 0), |(f, e, n), (_, b)| {
+            (f + 1, e + b.len(), n + b.wire_len())
+        });
+        if self.queued.load(Ordering::SeqCst) != 0
+            || events > MAX_LANE_EVENTS
+            || bytes > MAX_LANE_BYTES
+        {
             return None;
         }
         let attached = self.attached.read().clone()?;
@@ -248,6 +254,11 @@ mod tests {
         assert!(
             lane.try_apply(views(&too_big), &stats).is_none(),
             "too large a group"
+        );
+        let huge = vec![(9, SendBatch::from_events(&["k".repeat(MAX_LANE_BYTES)]))];
+        assert!(
+            lane.try_apply(views(&huge), &stats).is_none(),
+            "too many bytes in a group"
         );
 
         assert_eq!(instance.take_inline_events(false), 12, "handed over once");
