@@ -172,7 +172,7 @@ impl Lane {
             return Some(Applied::Now(answers));
         };
         // Queued before the lock is released: see the module docs.
-        let record = group_record(items.clone(), events);
+        let record = group_record(items.clone(), events, bytes);
         let ids = items.map(|(id, _)| id).collect();
         let rx = log.append(record, answers, ids);
         drop(state);
@@ -183,10 +183,10 @@ impl Lane {
 /// One SEND record of every event of the group (`SEND_TAG count events`), as the actor
 /// gathers a group's records into one.
 fn group_record<'a>(
-    items: impl Iterator<Item = (u32, SendView<'a>)> + Clone,
+    items: impl Iterator<Item = (u32, SendView<'a>)>,
     events: usize,
+    bytes: usize,
 ) -> Vec<u8> {
-    let bytes: usize = items.clone().map(|(_, b)| b.wire_len()).sum();
     let mut record = Vec::with_capacity(5 + bytes);
     record.push(SEND_TAG);
     record.extend_from_slice(&(events as u32).to_be_bytes());
